@@ -1,0 +1,139 @@
+"""Rectified flow: the straight path from data (t=0) to noise (t=1), and a velocity-prediction loss.
+
+    x_t = (1 - t) * x0 + t * noise,     target velocity v = dx_t/dt = noise - x0
+
+A model `model_fn(x_t, t, **cond) -> v` is trained with MSE to the target; sampling integrates
+dx/dt = v from t=1 (pure noise) down to t=0 with Euler steps.
+
+Randomness (timesteps, noise) comes from an optional torch.Generator, so a run can be made exactly
+reproducible; without one the global RNG is used. Random numbers are drawn on the generator's device and
+moved to the data's device, so a CPU generator gives the same numbers whatever device trains.
+Metrics are dicts of detached 0-dim tensors (no host sync inside the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+ModelFn = Callable[..., torch.Tensor]
+EVAL_TIMESTEPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] to broadcast against x."""
+    return t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def sample_timesteps(batch: int, generator: torch.Generator | None = None, logit_normal: bool = True,
+                     mean: float = 0.0, std: float = 1.0, device=None) -> torch.Tensor:
+    """Training timesteps [batch] in (0, 1): logit-normal (SD3; favours the middle) or uniform."""
+    if logit_normal:
+        t = torch.sigmoid(_randn((batch,), generator, device, torch.float32) * std + mean)
+    elif generator is None:
+        t = torch.rand(batch, device=device)
+    else:
+        t = torch.rand(batch, generator=generator, device=generator.device).to(device)
+    return t
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, with t [B]."""
+    t = _expand(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, *, generator: torch.Generator | None = None,
+                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None, logit_normal: bool = True,
+                       **cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MSE between model_fn(x_t, t, **cond) and noise - x0.
+
+    t / noise default to draws from `generator` (or the global RNG). `weight` (broadcastable to x0, e.g. a
+    mouth-region map) turns the mean into a weighted mean."""
+    if t is None:
+        t = sample_timesteps(x0.shape[0], generator, logit_normal, device=x0.device)
+    if noise is None:
+        noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+    v = model_fn(interpolate(x0, noise, t), t, **cond)
+    err = (v.float() - (noise - x0).float()).pow(2)
+    if weight is None:
+        loss = err.mean()
+    else:
+        w = weight.float().expand_as(err)
+        loss = (err * w).sum() / w.sum().clamp_min(1e-8)
+    metrics = {"loss": loss.detach(), "mse": err.mean().detach(), "t_mean": t.float().mean().detach()}
+    return loss, metrics
+
+
+def sampling_timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """steps + 1 times from 1 to 0. shift > 1 spends more steps near t=1 (high noise), as in SD3:
+    t' = shift * t / (1 + (shift - 1) * t)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def euler_sample(model_fn: ModelFn, shape: Sequence[int], steps: int,
+                 generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None,
+                 device=None, dtype: torch.dtype = torch.float32, shift: float = 1.0,
+                 grad: bool = False, **cond) -> torch.Tensor:
+    """Integrate dx/dt = model_fn(x, t, **cond) from t=1 (noise from `generator`, or `noise`) to t=0.
+
+    Runs under no_grad unless grad=True (e.g. reward-gradient fine-tuning through the sampler)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    x = noise if noise is not None else _randn(tuple(shape), generator, device, dtype)
+    ts = sampling_timesteps(steps, shift, device=x.device)
+    with torch.set_grad_enabled(grad):
+        for i in range(steps):
+            t = ts[i].expand(x.shape[0])
+            v = model_fn(x, t, **cond)
+            x = x + (ts[i + 1] - ts[i]).to(x.dtype) * v.to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def eval_flow_loss(model_fn: ModelFn, x0: torch.Tensor, *, seed: int = 0,
+                   timesteps: Sequence[float] = EVAL_TIMESTEPS, sample_seeds: Sequence[int] | None = None,
+                   **cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Deterministic held-out flow loss: fixed timesteps, fixed noise.
+
+    Noise comes from a CPU generator seeded with `seed` (the whole batch), or, with `sample_seeds`, one
+    seed per sample, so a sample's noise does not depend on which batch or rank it lands in. The same
+    noise is used at every timestep. Returns (mean loss over timesteps, {"loss", "loss_t0.1", ...})."""
+    b = x0.shape[0]
+    if sample_seeds is None:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+    else:
+        if len(sample_seeds) != b:
+            raise ValueError(f"need one seed per sample: {len(sample_seeds)} seeds for batch {b}")
+        noise = torch.stack([
+            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in sample_seeds
+        ])
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    metrics: dict[str, torch.Tensor] = {}
+    for tv in timesteps:
+        t = torch.full((b,), float(tv), device=x0.device)
+        loss_t, _ = flow_matching_loss(model_fn, x0, t=t, noise=noise, **cond)
+        metrics[f"loss_t{tv:g}"] = loss_t
+    loss = torch.stack(list(metrics.values())).mean()
+    return loss, {"loss": loss, **metrics}
+
+
+__all__ = [
+    "EVAL_TIMESTEPS",
+    "sample_timesteps",
+    "interpolate",
+    "flow_matching_loss",
+    "sampling_timesteps",
+    "euler_sample",
+    "eval_flow_loss",
+]

@@ -1,0 +1,56 @@
+"""Helpers shared by stage tasks: typed configs from the shipped container, weights I/O, data streams."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+
+from avatarforge.data.config import DataConfig
+from avatarforge.data.loader import build_train_loader
+
+
+def typed(schema: type, container: Any) -> Any:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), container))
+
+
+def load_weights(module: nn.Module, path: str | Path, *, prefix: str = "", strict: bool = True) -> None:
+    """Load safetensors weights (optionally those under `prefix.`) into `module`, with a clear error."""
+    state = load_file(str(path))
+    if prefix:
+        state = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"weights {path} do not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def parent_of_kind(args: dict[str, Any], kind: str) -> str:
+    """The exported weights of the (single) parent stage of `kind`."""
+    config, stage = args["config"], args["stage"]
+    found = [p for p in config["stages"][stage]["needs"] if config["stages"][p]["kind"] == kind]
+    if len(found) != 1:
+        raise ValueError(f"stage {stage!r} needs exactly one parent of kind {kind!r}, found {found}")
+    return args["parent_weights"][found[0]]
+
+
+def train_stream(data: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 start_batch: int) -> Iterator[dict[str, Any]]:
+    loader = build_train_loader(data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                start_batch=start_batch)
+    yield from loader
+
+
+def mean_metrics(per_batch: list[dict[str, float]]) -> dict[str, float]:
+    keys = per_batch[0].keys() if per_batch else ()
+    return {k: float(sum(m[k] for m in per_batch) / len(per_batch)) for k in keys}
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}

@@ -1,0 +1,200 @@
+"""The curriculum's typed config: loading YAML + `key=value` overrides, validated before Ray starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from avatarforge.data.config import DataConfig
+from avatarforge.model.autoencoder import AutoencoderConfig
+from avatarforge.model.dit import DiTConfig
+from avatarforge.model.text_encoder import TextEncoderConfig
+from avatarforge.train.config import TrainConfig, WandbConfig, check_train_config
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the full key path."""
+
+
+@dataclass
+class ModelConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+
+
+@dataclass
+class RayConfig:
+    # "" = an embedded local cluster bound to 127.0.0.1; else an address for ray.init (RAY_ADDRESS wins).
+    address: str = ""
+    num_cpus: int = 0  # CPUs of the embedded cluster; 0 = all of this machine
+    namespace: str = "avatarforge"
+
+
+@dataclass
+class StageConfig:
+    kind: str = MISSING
+    needs: list[str] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # checked against the kind's Options dataclass
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "tiny"
+    output_dir: str = "runs"  # must be shared storage (NFS, cloud mount) for multi-node runs
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Merged under every stage's `train` (the stage's own values win).
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+def _error(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    key = f"{prefix}.{key}" if prefix and key else (key or prefix)
+    message = str(exc).splitlines()[0]
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def _typed(schema: Any, *layers: Any, prefix: str = "") -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), *layers)
+    except OmegaConfBaseException as exc:
+        raise _error(exc, prefix) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """YAML file + overrides -> a validated, typed config. Raises ConfigError naming the key.
+
+    Overrides are `key=value` pairs or further YAML files (e.g. configs/cluster/*.yaml), applied in order.
+    """
+    layers = []
+    try:
+        for item in [str(path), *overrides]:
+            if "=" in item:
+                layers.append(OmegaConf.from_dotlist([item]))
+            elif item.endswith((".yaml", ".yml")):
+                if not Path(item).is_file():
+                    raise ConfigError(f"config file not found: {item}")
+                layers.append(OmegaConf.load(item))
+            else:
+                raise ConfigError(f"override {item!r} is neither key=value nor a .yaml file")
+        raw = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        raise _error(exc) from None
+    return build_config(raw)
+
+
+def build_config(raw: DictConfig | dict) -> DictConfig:
+    raw = OmegaConf.create(raw) if isinstance(raw, dict) else raw
+    defaults = raw.get("train_defaults") or {}
+    _typed(TrainConfig, defaults, prefix="train_defaults")  # type-check the defaults on their own
+    stages = raw.get("stages") or {}
+    expanded = {}
+    for name, stage in stages.items():
+        stage = stage if stage is not None else {}
+        if not isinstance(stage, DictConfig):
+            raise ConfigError(f"stages.{name}: expected a mapping, got {stage!r}")
+        train = _typed(TrainConfig, defaults, stage.get("train") or {}, prefix=f"stages.{name}.train")
+        expanded[name] = OmegaConf.merge(stage, {"train": train})
+    body = OmegaConf.merge(raw, {"stages": {}})
+    body.stages = expanded
+    cfg = _typed(CurriculumConfig, body)
+    OmegaConf.set_readonly(cfg, True)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cross-field checks: stage kinds, options, the DAG, value ranges."""
+    from avatarforge.stages.registry import KINDS
+
+    errors = []
+    if not cfg.stages:
+        errors.append("stages: the curriculum has no stages")
+    for name, stage in cfg.stages.items():
+        if stage.kind not in KINDS:
+            errors.append(f"stages.{name}.kind: unknown stage kind {stage.kind!r}; known: {sorted(KINDS)}")
+        else:
+            try:
+                _typed(KINDS[stage.kind].options, stage.options, prefix=f"stages.{name}.options")
+            except ConfigError as exc:
+                errors.append(str(exc))
+        errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
+        errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
+    if not errors:
+        try:
+            topological_order(cfg)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def topological_order(cfg: DictConfig) -> list[str]:
+    """Stages in dependency order (ties keep the file's order); a cycle is a ConfigError."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ConfigError(f"stages: dependency cycle {' -> '.join([*trail, name])}")
+        state[name] = "visiting"
+        for parent in cfg.stages[name].needs:
+            visit(parent, [*trail, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in cfg.stages:
+        visit(name, [])
+    return order
+
+
+def descendants(cfg: DictConfig, stage: str) -> list[str]:
+    out: list[str] = []
+    for name in topological_order(cfg):
+        if name != stage and any(p == stage or p in out for p in cfg.stages[name].needs):
+            out.append(name)
+    return out
+
+
+def stage_options(cfg: DictConfig, stage: str) -> Any:
+    from avatarforge.stages.registry import KINDS
+
+    kind = KINDS[cfg.stages[stage].kind]
+    return OmegaConf.to_object(_typed(kind.options, cfg.stages[stage].options, prefix=f"stages.{stage}.options"))
+
+
+def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]) -> str:
+    """Hash of everything that determines a stage's result: its own section, the model parts its kind
+    uses, the data recipe (not where it lives or how many loader workers read it), seed, parents."""
+    from avatarforge.stages.registry import KINDS
+
+    kind = KINDS[cfg.stages[stage].kind]
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("root", "num_workers"):
+        data.pop(key, None)
+    payload = {
+        "stage": OmegaConf.to_container(cfg.stages[stage], resolve=True),
+        "model": {s: OmegaConf.to_container(cfg.model[s], resolve=True) for s in kind.model_sections},
+        "data": data,
+        "seed": cfg.seed,
+        "parents": dict(sorted(parent_hashes.items())),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

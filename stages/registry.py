@@ -1,0 +1,25 @@
+"""Stage kinds: what each kind trains (its task factory), its options, the model parts it depends on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from avatarforge.stages.autoencoder import AutoencoderOptions
+from avatarforge.stages.t2v import T2VOptions
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    task_factory: str
+    options: type
+    model_sections: tuple[str, ...]
+
+
+KINDS: dict[str, StageKind] = {
+    kind.name: kind
+    for kind in (
+        StageKind("autoencoder", "avatarforge.stages.autoencoder:build_task", AutoencoderOptions, ("autoencoder",)),
+        StageKind("t2v_pretrain", "avatarforge.stages.t2v:build_task", T2VOptions, ("autoencoder", "text", "dit")),
+    )
+}

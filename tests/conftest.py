@@ -1,0 +1,73 @@
+"""Shared fixtures: the tiny curriculum shrunk for tests, and a CLI runner in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "curriculum" / "tiny.yaml"
+
+
+def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps: int = 12) -> list[str]:
+    """A few steps per stage, small data: what a real run does, in seconds."""
+    return [
+        f"output_dir={out}",
+        f"data.root={data_root}",
+        "data.synth.identities=4",
+        "data.synth.heldout_identities=2",
+        "data.synth.clips_per_identity=2",
+        "data.synth.workers=1",
+        "train_defaults.log_every=2",
+        "train_defaults.eval.every_steps=6",
+        "train_defaults.eval.batches=1",
+        "train_defaults.checkpoint.every_steps=4",
+        f"stages.autoencoder.train.steps={ae_steps}",
+        f"stages.t2v.train.steps={t2v_steps}",
+        "stages.autoencoder.options.eval_clips=4",
+        "stages.t2v.options.eval_clips=4",
+        "stages.t2v.options.calibration_clips=4",
+    ]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RAY_ADDRESS", None)
+    env["WANDB_MODE"] = "offline"
+    env["WANDB_SILENT"] = "true"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "avatarforge.cluster.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"avatarforge {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory) -> Path:
+    """One small synthetic dataset for all integration tests (generation is part of what is tested)."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    out = tmp_path_factory.mktemp("gen")
+    run_cli("data", "synth", "--config", str(TINY), *small_overrides(out, root)[1:], "--out", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, shared_data) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny curriculum run once, uninterrupted; several tests inspect it."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("run", str(TINY), *small_overrides(out, shared_data), timeout=900)
+    return out / "tiny", proc

@@ -1,0 +1,116 @@
+"""Config loading: YAML + overrides, typed validation that names the key, DAG checks, hashing."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from avatarforge.stages.config import (
+    ConfigError,
+    descendants,
+    load_config,
+    stage_fingerprint,
+    topological_order,
+)
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "curriculum" / "tiny.yaml"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_tiny_config_loads_and_defaults_merge():
+    cfg = load_config(TINY)
+    assert list(cfg.stages) == ["autoencoder", "t2v"]
+    # train_defaults reach every stage, the stage's own values win
+    assert cfg.stages.t2v.train.batch_size == 4
+    assert cfg.stages.t2v.train.optimizer.lr == pytest.approx(1e-3)
+    assert cfg.stages.autoencoder.train.optimizer.lr == pytest.approx(2e-3)
+    assert cfg.stages.t2v.train.scaling.num_workers == 1
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = load_config(TINY, ["stages.t2v.train.steps=7", "train_defaults.batch_size=2", "seed=3"])
+    assert cfg.stages.t2v.train.steps == 7
+    assert cfg.stages.autoencoder.train.batch_size == 2
+    assert cfg.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("stages.t2v.train.stpes=5", "stages.t2v.train.stpes"),
+        ("stages.t2v.train.steps=many", "stages.t2v.train.steps"),
+        ("model.dit.depth=deep", "model.dit.depth"),
+        ("data.nonsense=1", "data.nonsense"),
+        ("train_defaults.optimizer.lr=fast", "train_defaults.optimizer.lr"),
+        ("stages.t2v.options.bogus=1", "stages.t2v.options.bogus"),
+        ("stages.t2v.train.deepspeed.zero_stage=5", "stages.t2v.train.deepspeed.zero_stage"),
+        ("stages.t2v.train.scaling.placement_strategy=RANDOM", "stages.t2v.train.scaling.placement_strategy"),
+        ("stages.t2v.kind=t3v", "stages.t2v.kind"),
+    ],
+)
+def test_bad_key_or_type_names_the_full_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert key in str(err.value)
+
+
+def test_unknown_parent_and_cycles_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.b.needs: unknown stage 'zzz'"):
+        load_config(write(tmp_path, "stages:\n  b: {kind: autoencoder, needs: [zzz]}\n"))
+    cyclic = "stages:\n  a: {kind: autoencoder, needs: [b]}\n  b: {kind: autoencoder, needs: [a]}\n"
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(write(tmp_path, cyclic))
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY, ["justaword"])
+
+
+def test_yaml_layers_merge_in_order(tmp_path):
+    layer = tmp_path / "cluster.yaml"
+    layer.write_text("train_defaults:\n  scaling: {num_workers: 2, placement_strategy: SPREAD}\n")
+    cfg = load_config(TINY, [str(layer), "stages.t2v.train.scaling.num_workers=3"])
+    assert cfg.stages.autoencoder.train.scaling.num_workers == 2
+    assert cfg.stages.t2v.train.scaling.num_workers == 3
+    assert cfg.stages.t2v.train.scaling.placement_strategy == "SPREAD"
+
+
+def test_topology_and_descendants(tmp_path):
+    text = (
+        "stages:\n  c: {kind: t2v_pretrain, needs: [b]}\n  a: {kind: autoencoder}\n"
+        "  b: {kind: t2v_pretrain, needs: [a]}\n  d: {kind: autoencoder}\n"
+    )
+    cfg = load_config(write(tmp_path, text))
+    order = topological_order(cfg)
+    assert order.index("a") < order.index("b") < order.index("c")
+    assert descendants(cfg, "a") == ["b", "c"]
+    assert descendants(cfg, "d") == []
+
+
+def test_fingerprint_tracks_what_matters():
+    base = load_config(TINY)
+    h = stage_fingerprint(base, "autoencoder", {})
+    assert h == stage_fingerprint(load_config(TINY), "autoencoder", {})
+    # the DiT is not part of the autoencoder stage; where data lives is not part of any result
+    assert h == stage_fingerprint(load_config(TINY, ["model.dit.depth=2"]), "autoencoder", {})
+    assert h == stage_fingerprint(load_config(TINY, ["data.root=/elsewhere", "data.num_workers=2"]), "autoencoder", {})
+    assert h != stage_fingerprint(load_config(TINY, ["stages.autoencoder.train.steps=3"]), "autoencoder", {})
+    assert h != stage_fingerprint(load_config(TINY, ["seed=1"]), "autoencoder", {})
+    t = stage_fingerprint(base, "t2v", {"autoencoder": h})
+    assert t != stage_fingerprint(base, "t2v", {"autoencoder": "other"})
+    assert t != stage_fingerprint(load_config(TINY, ["model.dit.depth=2"]), "t2v", {"autoencoder": h})
+
+
+def test_config_is_read_only():
+    cfg = load_config(TINY)
+    with pytest.raises(Exception):  # noqa: B017 - omegaconf raises its own ReadonlyConfigError
+        cfg.seed = 5
+    assert OmegaConf.is_readonly(cfg)

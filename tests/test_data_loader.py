@@ -1,0 +1,274 @@
+"""The streaming loader: batch contents, exact resume, rank/worker split, bad data handling, eval batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import avatarforge.data.loader as loader_mod
+from avatarforge.data.config import DataConfig, SynthConfig
+from avatarforge.data.index import read_index
+from avatarforge.data.loader import build_eval_batches, build_train_loader
+from avatarforge.data.media import decode_wav, open_video, read_frames
+from avatarforge.data.shards import slot_shards, slot_visits
+from avatarforge.data.synth import generate_dataset
+from avatarforge.data.tokenizer import decode_ids
+
+SIZE, FPS, SR, FRAMES = 32, 25.0, 16000, 9
+AUDIO_LEN = int(FRAMES / FPS * SR)
+SYNTH = SynthConfig(
+    identities=4, heldout_identities=1, clips_per_identity=2, clip_seconds=0.8, shard_size=2, workers=1
+)
+TRAIN_KEYS = {f"id{i:04d}-{c:04d}" for i in range(4) for c in range(2)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("loader") / "tiny"
+    generate_dataset(str(path), SYNTH, size=SIZE, fps=FPS, sample_rate=SR)
+    return path
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(
+        **{"root": str(root), "frames": FRAMES, "size": SIZE, "fps": FPS, "sample_rate": SR, **kw}
+    )
+
+
+def _take(loader, n: int, field: str = "key") -> list:
+    out = []
+    for batch in loader:
+        out.append(batch[field])
+        if len(out) == n:
+            break
+    return out
+
+
+def _members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def _write_members(tar_path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _copy(root: Path, dest: Path) -> Path:
+    shutil.copytree(root, dest)
+    return dest
+
+
+def test_batch_contents(root: Path) -> None:
+    batch = next(
+        iter(build_train_loader(_cfg(root, num_workers=0), batch_size=3, rank=0, world_size=1, seed=0))
+    )
+    assert batch["video"].shape == (3, 3, FRAMES, SIZE, SIZE) and batch["video"].dtype == torch.float32
+    assert -1.0 <= float(batch["video"].min()) and float(batch["video"].max()) <= 1.0
+    assert batch["audio"].shape == (3, AUDIO_LEN) and batch["audio"].dtype == torch.float32
+    assert batch["text"].shape == (3, 96) and batch["text"].dtype == torch.int64
+    assert batch["text_mask"].shape == (3, 96) and batch["text_mask"].dtype == torch.bool
+    assert batch["skipped"] == 0 and len(batch["key"]) == len(batch["identity"]) == 3
+    for key, ident, ids in zip(batch["key"], batch["identity"], batch["text"], strict=True):
+        assert key in TRAIN_KEYS and key.startswith(ident)
+        assert decode_ids(ids).startswith("a") and " room" in decode_ids(ids)
+    assert float(batch["audio"].abs().max()) > 0.01
+
+
+def test_crop_and_resize_and_audio_alignment(root: Path) -> None:
+    """The audio window starts at the video crop's first frame; a smaller cfg.size resizes."""
+    loader = build_train_loader(
+        _cfg(root, num_workers=0, size=16), batch_size=4, rank=0, world_size=1, seed=3
+    )
+    batches = [b for _, b in zip(range(2), loader, strict=False)]
+    members: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted((root / "train").glob("*.tar")):
+        for name, data in _members(tar_path):
+            key, ext = name.split(".", 1)
+            members.setdefault(key, {})[ext] = data
+    starts = set()
+    for batch in batches:
+        assert batch["video"].shape[-2:] == (16, 16)
+        for i, key in enumerate(batch["key"]):
+            audio, _ = decode_wav(members[key]["wav"])
+            window = batch["audio"][i].numpy()
+            hop = int(SR / FPS)
+            matches = [
+                s
+                for s in range(0, 20 - FRAMES + 1)
+                if np.allclose(audio[s * hop : s * hop + AUDIO_LEN], window)
+            ]
+            assert len(matches) == 1, key
+            start = matches[0]
+            starts.add(start)
+            full = read_frames(open_video(members[key]["mp4"]), start, FRAMES, FPS)  # [T, 32, 32, 3]
+            pooled = torch.from_numpy(full).float().reshape(FRAMES, 16, 2, 16, 2, 3).mean(dim=(2, 4))
+            ref = (pooled / 127.5 - 1.0).permute(3, 0, 1, 2)
+            assert (batch["video"][i] - ref).abs().mean() < 0.05
+    assert len(starts) > 1  # crops are random, not always at 0
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_resume_continues_exactly(root: Path, workers: int) -> None:
+    cfg = _cfg(root, num_workers=workers)
+    full = build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=7)
+    keys = _take(full, 9)
+    assert full.position == 9 and full.stats["samples"] == 27
+    for k in (1, 4):
+        resumed = build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=7, start_batch=k)
+        assert _take(resumed, 9 - k) == keys[k:]
+    # iterating the same loader object again continues where it stopped
+    assert _take(full, 2) == _take(
+        build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=7, start_batch=9), 2
+    )
+
+
+def test_resumed_tensors_are_identical(root: Path) -> None:
+    cfg = _cfg(root, num_workers=0)
+    full = [
+        b
+        for _, b in zip(
+            range(5), build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=1), strict=False
+        )
+    ]
+    resumed = next(iter(build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=1, start_batch=4)))
+    assert resumed["key"] == full[4]["key"]
+    assert torch.equal(resumed["video"], full[4]["video"]) and torch.equal(resumed["audio"], full[4]["audio"])
+
+
+def test_resume_seeks_without_decoding(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = loader_mod.decode_clip
+    monkeypatch.setattr(loader_mod, "decode_clip", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loader = build_train_loader(
+        _cfg(root, num_workers=0), batch_size=2, rank=0, world_size=1, seed=0, start_batch=50
+    )
+    next(iter(loader))
+    assert len(calls) == 2  # 100 skipped stream positions cost no decoding
+
+
+def test_ranks_split_each_epoch(root: Path) -> None:
+    # 4 shards x 2 samples, 2 ranks x 1 worker: one epoch = 2 shards = 2 batches of 2 per rank
+    seen = []
+    for rank in (0, 1):
+        loader = build_train_loader(_cfg(root, num_workers=1), batch_size=2, rank=rank, world_size=2, seed=0)
+        seen.append({k for batch in _take(loader, 2) for k in batch})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == TRAIN_KEYS
+
+
+def test_more_slots_than_shards_never_starves(root: Path) -> None:
+    for rank in (0, 5):
+        loader = build_train_loader(_cfg(root, num_workers=0), batch_size=2, rank=rank, world_size=6, seed=0)
+        assert len(_take(loader, 3)) == 3
+
+
+def test_shard_assignment_partitions_every_epoch() -> None:
+    for epoch in range(3):
+        dealt = [s for slot in range(3) for s in slot_shards(7, seed=0, epoch=epoch, slot=slot, n_slots=3)]
+        assert sorted(dealt) == list(range(7))
+    assert slot_shards(7, seed=0, epoch=0, slot=0, n_slots=3) != slot_shards(
+        7, seed=0, epoch=1, slot=0, n_slots=3
+    )
+    counts = [3, 1, 4, 2, 5]
+
+    def positions(skip: int, n: int) -> list[tuple[int, int, int]]:
+        out = []
+        for v in slot_visits(counts, seed=0, slot=1, n_slots=2, skip=skip):
+            out += [(v.epoch, v.shard, i) for i in range(v.offset, v.count)]
+            if len(out) >= n:
+                return out[:n]
+        return out
+
+    whole = positions(0, 60)
+    for skip in (1, 5, 17, 33):
+        assert positions(skip, 60 - skip) == whole[skip:]
+
+
+def test_corrupt_samples_are_skipped_and_counted(root: Path, tmp_path: Path) -> None:
+    data = _copy(root, tmp_path / "bad")
+    first, second = data / "train" / "clips-000000.tar", data / "train" / "clips-000001.tar"
+    a, b = sorted({n.split(".")[0] for n, _ in _members(first)})
+    c, d = sorted({n.split(".")[0] for n, _ in _members(second)})
+    garbage_mp4 = [(n, b"\x00not an mp4" * 50 if n == f"{a}.mp4" else x) for n, x in _members(first)]
+    _write_members(first, garbage_mp4)
+    # c: empty json; d: wav missing
+    damaged = [(n, b"" if n == f"{c}.json" else x) for n, x in _members(second) if n != f"{d}.wav"]
+    _write_members(second, damaged)
+    bad_keys = {a, c, d}
+
+    cfg = _cfg(data, num_workers=1, max_bad_fraction=0.5)
+    loader = build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+    batches = [b for _, b in zip(range(8), loader, strict=False)]  # 16 positions = 2 epochs
+    assert all(b["video"].shape == (2, 3, FRAMES, SIZE, SIZE) for b in batches)
+    keys = {k for b in batches for k in b["key"]}
+    assert not keys & bad_keys and keys == TRAIN_KEYS - bad_keys
+    assert sum(b["skipped"] for b in batches) == loader.stats["skipped"] == 6
+
+
+def test_truncated_shard_counts_missing_samples(root: Path, tmp_path: Path) -> None:
+    data = _copy(root, tmp_path / "trunc")
+    shard = data / "train" / "clips-000002.tar"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    cfg = _cfg(data, num_workers=0, max_bad_fraction=0.5)
+    loader = build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+    batches = [b for _, b in zip(range(4), loader, strict=False)]  # one epoch
+    assert loader.stats["skipped"] >= 1
+    # positions are still those of the index, so resume stays exact on damaged data
+    assert _take(build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0, start_batch=2), 2) == [
+        b["key"] for b in batches[2:]
+    ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_bad_samples_raise_naming_the_shard(root: Path, tmp_path: Path, workers: int) -> None:
+    data = _copy(root, tmp_path / "broken")
+    broken = data / "train" / "clips-000003.tar"
+    broken.write_bytes(b"this is not a tar file" * 100)
+    loader = build_train_loader(_cfg(data, num_workers=workers), batch_size=2, rank=0, world_size=1, seed=0)
+    with pytest.raises(RuntimeError, match="clips-000003.tar"):
+        _take(loader, 40)
+
+
+def test_eval_batches_are_fixed_and_start_at_frame_zero(root: Path) -> None:
+    cfg = _cfg(root)
+    a = build_eval_batches(cfg, split="train", batch_size=3, max_clips=7)
+    b = build_eval_batches(cfg, split="train", batch_size=3, max_clips=7)
+    assert (
+        [x["key"] for x in a]
+        == [x["key"] for x in b]
+        == [
+            ["id0000-0000", "id0000-0001", "id0001-0000"],
+            ["id0001-0001", "id0002-0000", "id0002-0001"],
+            ["id0003-0000"],
+        ]
+    )
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b, strict=True))
+    index = read_index(root, "train")
+    with tarfile.open(root / "train" / index["shards"][0]) as tar:
+        mp4 = tar.extractfile("id0000-0000.mp4").read()
+        wav = tar.extractfile("id0000-0000.wav").read()
+        meta = json.loads(tar.extractfile("id0000-0000.json").read())
+    first = (
+        torch.from_numpy(read_frames(open_video(mp4), 0, FRAMES, FPS)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    )
+    assert torch.allclose(a[0]["video"][0], first)
+    assert np.allclose(a[0]["audio"][0].numpy(), decode_wav(wav)[0][:AUDIO_LEN])
+    assert decode_ids(a[0]["text"][0]) == meta["caption"]
+    heldout = build_eval_batches(cfg, split="heldout", batch_size=4, max_clips=10)
+    assert [x["identity"] for x in heldout] == [["id0004", "id0004"]]
+
+
+def test_missing_dataset_has_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="generate or ingest"):
+        build_train_loader(_cfg(tmp_path), batch_size=1, rank=0, world_size=1, seed=0)

@@ -1,0 +1,70 @@
+"""Kill the driver during `t2v` (SIGKILL, not a polite stop); the rerun skips `autoencoder`, resumes
+`t2v` from its latest checkpoint and ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
+    """The first persisted, registered t2v checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before a t2v checkpoint appeared:\n{proc.stdout.read()[-4000:]}")
+        snapshot = storage / "checkpoint_manager_snapshot.json"
+        found = sorted(storage.glob("step_*"))
+        if snapshot.exists() and found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError("no t2v checkpoint in time")
+
+
+def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shared_data):
+    reference_dir, _ = finished_run
+    args = ["run", str(TINY), *small_overrides(tmp_path, shared_data, t2v_steps=12)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        wait_for_checkpoint(tmp_path / "tiny" / "ray" / "t2v", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage, no cleanup
+        proc.wait(timeout=30)
+    finally:
+        # the embedded cluster's processes (same session) die with it, as on a crashed machine
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    run_dir = tmp_path / "tiny"
+    assert (run_dir / "stages" / "autoencoder" / "DONE.json").exists()
+    assert not (run_dir / "stages" / "t2v" / "DONE.json").exists()
+
+    resumed = run_cli(*args, timeout=900)
+    assert "autoencoder: done with the same config, skipped" in resumed.stdout
+    assert re.search(r"plan: t2v\s+resume", resumed.stdout)
+    assert "rank 0: resumed at step" in resumed.stdout + resumed.stderr
+
+    done = json.loads((run_dir / "stages" / "t2v" / "DONE.json").read_text())
+    reference = json.loads((reference_dir / "stages" / "t2v" / "DONE.json").read_text())
+    assert done["config_hash"] == reference["config_hash"]
+    got, want = load_file(done["weights"]), load_file(reference["weights"])
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name} differs after resume"

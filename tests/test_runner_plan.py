@@ -1,0 +1,74 @@
+"""Curriculum planning without Ray: skip / resume / init decisions and the changed-config error."""
+
+from pathlib import Path
+
+import pytest
+
+from avatarforge.stages import manifest as mf
+from avatarforge.stages.config import ConfigError, load_config
+from avatarforge.stages.runner import CurriculumRunner, StageConfigChanged
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "curriculum" / "tiny.yaml"
+
+
+def cfg_for(tmp_path, *extra):
+    return load_config(TINY, [f"output_dir={tmp_path}", *extra])
+
+
+def finish(runner: CurriculumRunner, stage: str, digest: str):
+    mf.write_done(runner.stage_dir(stage), mf.Manifest(
+        stage=stage, kind="autoencoder", config_hash=digest, parents={}, final_checkpoint=None,
+        weights="w", metrics={}, wandb_run_id="x", started_at=0.0, finished_at=1.0, git_commit="c"))
+
+
+def actions(runner):
+    return {p.stage: p.action for p in runner.plan()}
+
+
+def test_fresh_run_starts_everything(tmp_path):
+    assert actions(CurriculumRunner(cfg_for(tmp_path))) == {"autoencoder": "start", "t2v": "init_from_parents"}
+
+
+def test_done_stage_with_same_hash_is_skipped(tmp_path):
+    runner = CurriculumRunner(cfg_for(tmp_path))
+    finish(runner, "autoencoder", runner.plan()[0].config_hash)
+    assert actions(runner) == {"autoencoder": "skip", "t2v": "init_from_parents"}
+
+
+def test_changed_config_on_done_stage_is_an_error_naming_it(tmp_path):
+    runner = CurriculumRunner(cfg_for(tmp_path))
+    finish(runner, "autoencoder", runner.plan()[0].config_hash)
+    changed = CurriculumRunner(cfg_for(tmp_path, "stages.autoencoder.train.steps=3"))
+    with pytest.raises(StageConfigChanged, match=r"'autoencoder'.*--rerun autoencoder"):
+        changed.plan()
+    # --rerun accepts the change and reruns the descendants too
+    rerun = CurriculumRunner(cfg_for(tmp_path, "stages.autoencoder.train.steps=3"), rerun=["autoencoder"])
+    assert actions(rerun) == {"autoencoder": "start", "t2v": "init_from_parents"}
+    assert rerun.rerun == {"autoencoder", "t2v"}
+
+
+def test_own_checkpoint_means_resume(tmp_path):
+    runner = CurriculumRunner(cfg_for(tmp_path))
+    plans = runner.plan()
+    finish(runner, "autoencoder", plans[0].config_hash)
+    snapshot = runner.storage / "t2v" / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    mf.write_started(runner.stage_dir("t2v"), plans[1].config_hash, 0.0)
+    assert actions(runner)["t2v"] == "resume"
+    # the same checkpoint under a changed config must not be resumed silently
+    with pytest.raises(StageConfigChanged, match="'t2v' has checkpoints"):
+        CurriculumRunner(cfg_for(tmp_path, "stages.t2v.train.steps=3")).plan()
+
+
+def test_unknown_rerun_stage(tmp_path):
+    with pytest.raises(ConfigError, match="unknown stage"):
+        CurriculumRunner(cfg_for(tmp_path), rerun=["nope"])
+
+
+def test_invalidate_removes_results_and_checkpoints(tmp_path):
+    runner = CurriculumRunner(cfg_for(tmp_path))
+    finish(runner, "t2v", "h")
+    (runner.storage / "t2v").mkdir(parents=True)
+    runner.invalidate("t2v")
+    assert not runner.stage_dir("t2v").exists() and not (runner.storage / "t2v").exists()
