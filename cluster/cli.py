@@ -144,7 +144,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         data.size = args.size
     indexes = generate_dataset(root, data.synth, size=data.size, fps=data.fps, sample_rate=data.sample_rate)
     for split, index in indexes.items():
-        print(f"{split}: {index['total_samples']} clips in {len(index['shards'])} shards -> {Path(root) / split}")
+        print(f"{split}: {index['total']} clips in {len(index['shards'])} shards -> {Path(root) / split}")
     return 0
 
 

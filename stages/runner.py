@@ -128,6 +128,7 @@ class CurriculumRunner:
             run_name=cfg.name, stage=stage, kind=stage_cfg.kind, directory=str(self.run_dir),
             config={"stage": resolved["stages"][stage], "config_hash": plan.config_hash,
                     "parents": {p: parents[p].config_hash for p in stage_cfg.needs}},
+            parents=list(stage_cfg.needs),
         )
         spec = RunSpec(
             stage=stage,

@@ -16,7 +16,7 @@ def wandb_run_id(run_name: str, stage: str) -> str:
 
 def tracking_settings(
     *, project: str, entity: str, mode: str, tags: list[str], run_name: str, stage: str, kind: str,
-    directory: str, config: dict[str, Any],
+    directory: str, config: dict[str, Any], parents: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Plain settings shipped to the worker; WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY win when set."""
     return {
@@ -30,6 +30,7 @@ def tracking_settings(
         "name": f"{run_name}/{stage}",
         "dir": directory,
         "config": {**config, "stage_kind": kind},
+        "parent_artifacts": [f"{parent}-weights:latest" for parent in parents],
     }
 
 
@@ -60,6 +61,11 @@ class Tracker:
         )
         self.run.define_metric("train/*", step_metric="step")
         self.run.define_metric("eval/*", step_metric="step")
+        if settings["mode"] == "online":
+            # Lineage parent -> stage in W&B's artifact graph. Offline W&B cannot use artifacts; the
+            # local manifests (DONE.json) hold the same lineage and stay the source of truth.
+            for name in settings.get("parent_artifacts", []):
+                self.run.use_artifact(name)
 
     @property
     def run_id(self) -> str | None:
