@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from avatarforge.cluster import jobs
+from avatarforge.data.cli import add_parsers as add_data_parsers
 
 
 def _add_address(p: argparse.ArgumentParser, required: bool) -> None:
@@ -45,16 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", action="store_true")
     _add_address(job_sub.add_parser("list"), required=False)
 
-    data = sub.add_parser("data", help="datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="generate the synthetic avatar world as WebDataset shards")
-    synth.add_argument("--config", help="take the data section of this curriculum config")
-    synth.add_argument("overrides", nargs="*")
-    synth.add_argument("--out", help="dataset root (default: the config's data.root)")
-    synth.add_argument("--identities", type=int)
-    synth.add_argument("--clips-per-identity", type=int)
-    synth.add_argument("--size", type=int)
-    synth.add_argument("--seed", type=int)
+    data = sub.add_parser("data", help="datasets: synth, ...")
+    add_data_parsers(data.add_subparsers(dest="data_command", required=True), _load_data_config)
     return parser
 
 
@@ -124,28 +116,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def _load_data_config(path: str, overrides: list[str]):
     from omegaconf import OmegaConf
 
-    from avatarforge.data.config import DataConfig
-    from avatarforge.data.synth import generate_dataset
+    from avatarforge.stages.config import load_config
 
-    if args.config:
-        from avatarforge.stages.config import load_config
+    return OmegaConf.to_object(load_config(path, overrides).data)
 
-        data = OmegaConf.to_object(load_config(args.config, args.overrides).data)
-    else:
-        data = OmegaConf.to_object(OmegaConf.structured(DataConfig))
-    root = args.out or data.root
-    for flag, key in (("identities", "identities"), ("clips_per_identity", "clips_per_identity"), ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            setattr(data.synth, key, getattr(args, flag))
-    if args.size is not None:
-        data.size = args.size
-    indexes = generate_dataset(root, data.synth, size=data.size, fps=data.fps, sample_rate=data.sample_rate)
-    for split, index in indexes.items():
-        print(f"{split}: {index['total']} clips in {len(index['shards'])} shards -> {Path(root) / split}")
-    return 0
+
+def cmd_data(args: argparse.Namespace) -> int:
+    return args.data_handler(args)
 
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "data": cmd_data}

@@ -34,7 +34,8 @@ def connect(address: str = "", *, num_cpus: int = 0, namespace: str = "avatarfor
         return {"address": "already-initialized"}
     env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if address:
-        ctx = ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=True)
+        # No runtime_env here: inside a Ray job it would clash with the job's own (working_dir, env vars).
+        ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
         return {"address": address, "dashboard": ctx.dashboard_url, "embedded": False}
     # address="local" always starts a fresh cluster instead of joining a stray one on this machine.
     ctx = ray.init(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from avatarforge.cluster.connect import LOOPBACK_ENV
 from tests.conftest import cli_env
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -27,12 +29,16 @@ class LoopbackCluster:
     def __init__(self, tmp: Path, *, head_cpus: int, token: str | None = None, dashboard: bool = False) -> None:
         self.port = free_port()
         self.dashboard_port = free_port()
-        self.env = {**cli_env(), **LOOPBACK_ENV}
-        if token:
-            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+        # No RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 here: Ray refuses multi-node clusters with it, so the
+        # nodes register this machine's own address (never reachable from outside in tests).
+        self.env = cli_env()
+        # Token auth on for every node and client, as on a real cluster (Ray 2.60 turns it on for
+        # `ray start --head` only; a joining node without the token is refused).
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or secrets.token_hex(16))
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.temp_dir = tmp / "ray"
+        # Ray's socket paths must stay under 107 bytes: pytest's tmp paths are too long.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         cmd = [RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={head_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
         if dashboard:
@@ -66,4 +72,5 @@ class LoopbackCluster:
 
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         os.environ.pop("RAY_ADDRESS", None)

@@ -28,7 +28,7 @@ def test_two_nodes_spread_zero2(tmp_path, shared_data):
             "train_defaults.deepspeed.zero_stage=2",
         ]
         proc = run_cli("run", str(single_stage_config(tmp_path)), *overrides, "--address", cluster.address,
-                       timeout=900)
+                       timeout=900, env=cluster.env)
     finally:
         cluster.stop()
     output = proc.stdout + proc.stderr
