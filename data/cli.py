@@ -17,8 +17,14 @@ def add_parsers(sub: Any, load_data_config) -> None:
     synth.add_argument("--config", help="take the data section of this curriculum config")
     synth.add_argument("overrides", nargs="*")
     synth.add_argument("--out", help="dataset root (default: the config's data.root)")
-    synth.add_argument("--identities", type=int)
+    synth.add_argument("--identities", type=int, help="training identities")
+    synth.add_argument("--heldout-identities", type=int, help="identities only in the held-out split")
     synth.add_argument("--clips-per-identity", type=int)
+    synth.add_argument("--clip-seconds", type=float)
+    synth.add_argument("--reference-seconds", type=float,
+                       help="length of each identity's reference record (another scene); 0: none")
+    synth.add_argument("--shard-size", type=int, help="clips per shard")
+    synth.add_argument("--workers", type=int, help="generation processes")
     synth.add_argument("--size", type=int)
     synth.add_argument("--seed", type=int)
     synth.set_defaults(data_handler=lambda args: cmd_synth(args, load_data_config))
@@ -33,6 +39,8 @@ def add_parsers(sub: Any, load_data_config) -> None:
     ingest.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
     ingest.add_argument("--shard-size", type=int, default=32, help="clips per shard")
     ingest.add_argument("--retry-skipped", action="store_true", help="retry sources an earlier run skipped")
+    ingest.add_argument("--identity-from", choices=("stem", "folder"), default="stem",
+                        help="identity of a video without a sidecar identity: its file stem or folder name")
     ingest.set_defaults(data_handler=cmd_ingest)
 
     inspect = sub.add_parser("inspect", help="counts, durations, identities and a contact sheet of a dataset")
@@ -50,7 +58,8 @@ def cmd_synth(args: argparse.Namespace, load_data_config) -> int:
     data = (load_data_config(args.config, args.overrides) if args.config
             else OmegaConf.to_object(OmegaConf.structured(DataConfig)))
     root = args.out or data.root
-    for flag in ("identities", "clips_per_identity", "seed"):
+    for flag in ("identities", "heldout_identities", "clips_per_identity", "clip_seconds", "reference_seconds",
+                 "shard_size", "workers", "seed"):
         if getattr(args, flag) is not None:
             setattr(data.synth, flag, getattr(args, flag))
     if args.size is not None:
@@ -67,7 +76,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from avatarforge.data.ingest import IngestError, IngestOptions, ingest
 
     options = IngestOptions(clip_seconds=args.clip_seconds, size=args.size, workers=args.workers,
-                            shard_size=args.shard_size, retry_skipped=args.retry_skipped)
+                            shard_size=args.shard_size, retry_skipped=args.retry_skipped,
+                            identity_from=args.identity_from)
     try:
         report = ingest(args.sources, args.out, split=args.split, options=options)
     except IngestError as exn:

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SynthConfig:
-    """The v0 synthetic avatar world: how many identities/clips, and how they are sharded."""
+    """The synthetic avatar world: how many identities/clips, and how they are sharded."""
 
     identities: int = 12  # training identities
     heldout_identities: int = 3  # identities only in the held-out split
     clips_per_identity: int = 4
     clip_seconds: float = 1.6
+    reference_seconds: float = 4.0  # each identity's reference record (another scene); 0: none
     shard_size: int = 16  # samples per tar shard
     seed: int = 0
     workers: int = 2  # processes for generation
@@ -33,4 +34,9 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 16  # per-shard-visit shuffle buffer (samples); 0 or 1 keeps tar order
     max_bad_fraction: float = 0.05  # past this share of skipped samples the loader raises, naming the shards
+    # identity references (datasets whose index lists them): batch["reference"] [B, 3, reference_frames,
+    # size, size] taken every reference_stride frames from the identity's reference record (random
+    # start in training, frame 0 in eval), and batch["reference_audio"] covering the same span.
+    reference_frames: int = 9  # 0: no references in batches
+    reference_stride: int = 4
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -14,6 +14,13 @@ a RuntimeError naming the shards (DataLoader re-raises it in the training proces
 
 Resume is exact for the same (dataset, seed, batch_size, world_size, num_workers); changing any of them
 changes the stream.
+
+A batch: video [B, 3, T, H, W] float in [-1, 1], audio [B, S], text / text_mask [B, L], key, identity,
+skipped, and per-sample ground truth for the oracle (identity_params: the json's dict, phonemes: the
+crop's phoneme timeline; None where a clip has none); for datasets whose index lists identity references (the synthetic world), also reference
+[B, 3, Tr, H, W] (Tr = data.reference_frames, data.reference_stride frames apart, another scene of the
+same identity) and reference_audio [B, Sr] over the same span. References live once per identity and
+shard (see synth/generate.py) and are attached while streaming, so resume arithmetic never sees them.
 """
 
 from __future__ import annotations
@@ -174,15 +181,25 @@ class TrainLoader:
             yield batch
 
 
-def _clip_spec(cfg: DataConfig) -> ClipSpec:
+def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec:
+    """Decoding geometry; references only when configured and the split's index lists them."""
     if cfg.frames < 1 or cfg.size < 1 or cfg.fps <= 0 or cfg.sample_rate <= 0 or cfg.text_max_len < 1:
         raise ValueError("data.frames, size, fps, sample_rate and text_max_len must be positive")
+    if cfg.reference_frames < 0 or cfg.reference_stride < 1:
+        raise ValueError("data.reference_frames must be >= 0 and data.reference_stride >= 1")
+    reference_frames = int(cfg.reference_frames)
+    if reference_frames and index is not None and not index.get("references"):
+        log.warning("data.reference_frames=%d but %s lists no identity references: batches carry none",
+                    reference_frames, index.get("split", "this split"))
+        reference_frames = 0
     return ClipSpec(
         frames=int(cfg.frames),
         size=int(cfg.size),
         fps=float(cfg.fps),
         sample_rate=int(cfg.sample_rate),
         text_max_len=int(cfg.text_max_len),
+        reference_frames=reference_frames,
+        reference_stride=int(cfg.reference_stride),
     )
 
 
@@ -205,7 +222,7 @@ def build_train_loader(
         _StreamSpec(
             urls=urls,
             counts=counts,
-            clip=_clip_spec(cfg),
+            clip=_clip_spec(cfg, index),
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
@@ -233,7 +250,7 @@ def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int, max_clip
     batches: list[Batch] = []
     pending: list[dict[str, Any]] = []
     skipped = taken = 0
-    for sample in _decode_stage(raw, clip=_clip_spec(cfg), seed=None, health=health):
+    for sample in _decode_stage(raw, clip=_clip_spec(cfg, index), seed=None, health=health):
         if sample is None:
             skipped += 1
             continue

@@ -14,11 +14,13 @@ import decord
 import numpy as np
 
 
-def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 12) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 12, gop: int | None = None) -> bytes:
     """uint8 frames [T, H, W, 3] (RGB) -> H.264 yuv420p mp4 bytes.
 
     A low crf keeps flat synthetic colours within a few levels after the 4:2:0 round trip; one x264
     thread makes the bytes reproducible (parallelism comes from encoding many clips at once).
+    gop sets the keyframe interval (x264's default is 250): long references that are read at random
+    positions use a short one, so a seek decodes at most `gop` frames.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 [T, H, W, 3] frames, got {frames.dtype} {frames.shape}")
@@ -27,9 +29,8 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 12) -> bytes:
         raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream(
-            "libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf), "threads": "1"}
-        )
+        options = {"crf": str(crf), "threads": "1", **({"g": str(gop)} if gop else {})}
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")))

@@ -59,8 +59,15 @@ class RoPE3D(nn.Module):
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
     @staticmethod
-    def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Precomputed (cos, sin) of angles: pass it to `rotate` instead of the angles when the same
+        positions rotate many tensors (every layer's q and k)."""
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, angles: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = angles if isinstance(angles, tuple) else RoPE3D.cos_sin(angles)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if cos.dim() == 3:  # [B, N, d/2] -> broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)

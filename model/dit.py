@@ -84,6 +84,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
+    block_class: type[DiTBlock] = DiTBlock  # subclasses (the avatar DiT) swap in an extended block
+
     def __init__(self, cfg: DiTConfig | None = None):
         super().__init__()
         cfg = cfg or DiTConfig()
@@ -99,7 +101,7 @@ class DiT(nn.Module):
         )
         self.text_pool = nn.Linear(cfg.text_dim, d) if cfg.pooled_text else None
         self.rope = RoPE3D(d // cfg.heads, cfg.rope_theta)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final = nn.Linear(d, self.patch_dim)

@@ -18,6 +18,7 @@ from avatarforge.stages.common import load_weights, mean_metrics, scalars, train
 @dataclass
 class AutoencoderOptions:
     eval_clips: int = 8
+    calibration_clips: int = 16  # training clips that set the latent scale at export
     # A local safetensors file of pretrained weights; the stage then fine-tunes from it.
     init_weights: str = ""
 
@@ -60,6 +61,16 @@ class AutoencoderTask:
             recon, _ = model(video)
             results.append({"psnr": float(psnr(recon, video)), "l1": float((recon - video).abs().mean())})
         return mean_metrics(results)
+
+    def export_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Calibrate the latent scale (unit-variance latents for every DiT stage) on fixed training clips,
+        with the weights being exported, so the scale travels inside the autoencoder's weights."""
+        batches = build_eval_batches(self.data, split=self.data.train_split, batch_size=self.eval_batch_size,
+                                     max_clips=self.options.calibration_clips)
+        device = next(model.parameters()).device
+        latents = torch.cat([model.encode(b["video"].to(device)) for b in batches])
+        model.calibrate_scale(latents)
+        return {**state, "scale": model.scale}
 
     def batch_stats(self, batch: Any) -> tuple[int, int]:
         """Tokens = latent positions, comparable with the DiT stages' token counts."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_train_loader
+from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
 
 
 def typed(schema: type, container: Any) -> Any:
@@ -41,9 +42,10 @@ def parent_of_kind(args: dict[str, Any], kind: str) -> str:
 
 
 def train_stream(data: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_batch: int) -> Iterator[dict[str, Any]]:
+                 start_batch: int, identities: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    extra = {"identities": identities} if identities else {}
     loader = build_train_loader(data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                                start_batch=start_batch)
+                                start_batch=start_batch, **extra)
     yield from loader
 
 
@@ -54,3 +56,26 @@ def mean_metrics(per_batch: list[dict[str, float]]) -> dict[str, float]:
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
+
+
+class FrozenAutoencoder:
+    """The autoencoder stage's exported weights, frozen: video <-> unit-variance latents for the DiT
+    stages (the calibrated latent scale is part of those weights)."""
+
+    def __init__(self, config: dict[str, Any], weights: str | Path) -> None:
+        self.model = VideoAutoencoder(typed(AutoencoderConfig, config))
+        load_weights(self.model, weights)
+        self.model.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        ae = self.model.to(video.device)
+        return ae.scale_latent(ae.encode(video))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        ae = self.model.to(latents.device)
+        return ae.decode(ae.unscale_latent(latents)).clamp(-1, 1)
+
+    def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.model.latent_shape(video_shape)

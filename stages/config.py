@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from avatarforge.data.config import DataConfig
+from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.autoencoder import AutoencoderConfig
+from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiTConfig
 from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.train.config import TrainConfig, WandbConfig, check_train_config
+
+DIT_BASE_FIELDS = frozenset(f.name for f in fields(DiTConfig))
 
 
 class ConfigError(ValueError):
@@ -26,7 +30,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    dit: DiTConfig = field(default_factory=DiTConfig)
+    # The avatar DiT's config; the t2v stage builds its plain DiT from the DiTConfig fields of it.
+    dit: AvatarDiTConfig = field(default_factory=AvatarDiTConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
 
 
 @dataclass
@@ -186,9 +192,16 @@ def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("root", "num_workers"):
         data.pop(key, None)
+    model = {}
+    for section in kind.model_sections:
+        name, _, schema = section.partition(":")  # "dit:base" = only the plain DiTConfig fields
+        values = OmegaConf.to_container(cfg.model[name], resolve=True)
+        if schema == "base":
+            values = {k: v for k, v in values.items() if k in DIT_BASE_FIELDS}
+        model[name] = values
     payload = {
         "stage": OmegaConf.to_container(cfg.stages[stage], resolve=True),
-        "model": {s: OmegaConf.to_container(cfg.model[s], resolve=True) for s in kind.model_sections},
+        "model": model,
         "data": data,
         "seed": cfg.seed,
         "parents": dict(sorted(parent_hashes.items())),

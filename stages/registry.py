@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from avatarforge.stages.autoencoder import AutoencoderOptions
+from avatarforge.stages.avatar import A2VOptions, SFTOptions
 from avatarforge.stages.t2v import T2VOptions
 
 
@@ -20,6 +21,11 @@ KINDS: dict[str, StageKind] = {
     kind.name: kind
     for kind in (
         StageKind("autoencoder", "avatarforge.stages.autoencoder:build_task", AutoencoderOptions, ("autoencoder",)),
-        StageKind("t2v_pretrain", "avatarforge.stages.t2v:build_task", T2VOptions, ("autoencoder", "text", "dit")),
+        StageKind("t2v_pretrain", "avatarforge.stages.t2v:build_task", T2VOptions,
+                  ("autoencoder", "text", "dit:base")),
+        StageKind("a2v_pretrain", "avatarforge.stages.avatar:build_a2v_task", A2VOptions,
+                  ("autoencoder", "text", "dit", "audio")),
+        StageKind("personality_sft", "avatarforge.stages.avatar:build_sft_task", SFTOptions,
+                  ("autoencoder", "text", "dit", "audio")),
     )
 }

@@ -11,11 +11,11 @@ from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_eval_batches
-from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiT, DiTConfig
 from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
-from avatarforge.stages.common import load_weights, mean_metrics, parent_of_kind, train_stream, typed
+from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
 
 
 @dataclass
@@ -24,7 +24,6 @@ class T2VOptions:
     # Share of training captions replaced by the empty caption, so the model also learns the
     # unconditional velocity that classifier-free guidance needs.
     text_dropout: float = 0.1
-    calibration_clips: int = 16  # clips used to set the latent scale to unit variance
 
 
 class TextToVideo(nn.Module):
@@ -45,29 +44,16 @@ class T2VTask:
         stage_cfg = config["stages"][stage]
         self.options = typed(T2VOptions, stage_cfg["options"])
         self.text_cfg = typed(TextEncoderConfig, config["model"]["text"])
-        self.dit_cfg = typed(DiTConfig, config["model"]["dit"])
+        self.dit_cfg = typed(AvatarDiTConfig, config["model"]["dit"]).dit_config()
         self.data = typed(DataConfig, config["data"])
         self.batch_size = stage_cfg["train"]["batch_size"]
         self.eval_batch_size = stage_cfg["train"]["eval"]["batch_size"]
         self.seed = config["seed"]
-        self.autoencoder = VideoAutoencoder(typed(AutoencoderConfig, config["model"]["autoencoder"]))
-        load_weights(self.autoencoder, parent_of_kind(args, "autoencoder"))
-        self.autoencoder.requires_grad_(False).eval()
-        self._calibrate_latent_scale()
+        self.autoencoder = FrozenAutoencoder(config["model"]["autoencoder"], parent_of_kind(args, "autoencoder"))
         self._eval: list[dict[str, Any]] | None = None
 
-    @torch.no_grad()
-    def _calibrate_latent_scale(self) -> None:
-        """Unit-variance latents for the flow; deterministic (fixed clips) so every rank agrees."""
-        batches = build_eval_batches(self.data, split=self.data.train_split, batch_size=self.eval_batch_size,
-                                     max_clips=self.options.calibration_clips)
-        latents = torch.cat([self.autoencoder.encode(b["video"]) for b in batches])
-        self.autoencoder.calibrate_scale(latents)
-
-    @torch.no_grad()
     def latents(self, video: torch.Tensor) -> torch.Tensor:
-        ae = self.autoencoder.to(video.device)
-        return ae.scale_latent(ae.encode(video))
+        return self.autoencoder.encode(video)
 
     def build_model(self) -> nn.Module:
         return TextToVideo(self.text_cfg, self.dit_cfg)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "curriculum" / "tiny.yaml"
 
 
-def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps: int = 12) -> list[str]:
+def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps: int = 12,
+                    avatar_steps: int = 4) -> list[str]:
     """A few steps per stage, small data: what a real run does, in seconds."""
     return [
         f"output_dir={out}",
@@ -30,8 +31,21 @@ def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps
         f"stages.t2v.train.steps={t2v_steps}",
         "stages.autoencoder.options.eval_clips=4",
         "stages.t2v.options.eval_clips=4",
-        "stages.t2v.options.calibration_clips=4",
+        "stages.autoencoder.options.calibration_clips=4",
+        f"stages.a2v.train.steps={avatar_steps}",
+        f"stages.sft.train.steps={avatar_steps}",
+        "stages.a2v.options.eval_clips=4",
+        "stages.a2v.options.eval_videos=2",
+        "stages.a2v.options.sample_steps=3",
+        "stages.sft.options.eval_clips=4",
+        "stages.sft.options.eval_videos=2",
+        "stages.sft.options.sample_steps=3",
     ]
+
+
+def autoencoder_only(overrides: list[str]) -> list[str]:
+    """Overrides for a curriculum cut down to its `autoencoder` stage."""
+    return [o for o in overrides if not o.startswith("stages.") or o.startswith("stages.autoencoder.")]
 
 
 def cli_env() -> dict[str, str]:

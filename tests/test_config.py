@@ -24,7 +24,8 @@ def write(tmp_path, text: str) -> Path:
 
 def test_tiny_config_loads_and_defaults_merge():
     cfg = load_config(TINY)
-    assert list(cfg.stages) == ["autoencoder", "t2v"]
+    assert list(cfg.stages) == ["autoencoder", "t2v", "a2v", "sft"]
+    assert cfg.stages.sft.needs == ["a2v", "autoencoder"]
     # train_defaults reach every stage, the stage's own values win
     assert cfg.stages.t2v.train.batch_size == 4
     assert cfg.stages.t2v.train.optimizer.lr == pytest.approx(1e-3)
@@ -107,6 +108,8 @@ def test_fingerprint_tracks_what_matters():
     t = stage_fingerprint(base, "t2v", {"autoencoder": h})
     assert t != stage_fingerprint(base, "t2v", {"autoencoder": "other"})
     assert t != stage_fingerprint(load_config(TINY, ["model.dit.depth=2"]), "t2v", {"autoencoder": h})
+    # avatar-only DiT fields (reference attention) do not touch what t2v trains
+    assert t == stage_fingerprint(load_config(TINY, ["model.dit.ref_top_k=2"]), "t2v", {"autoencoder": h})
 
 
 def test_config_is_read_only():

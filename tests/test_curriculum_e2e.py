@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def test_curriculum_produces_manifests_weights_and_metrics(finished_run):
     run_dir, proc = finished_run
     assert (run_dir / "config.yaml").exists()
-    for stage, kind, metric in (("autoencoder", "autoencoder", "eval/psnr"), ("t2v", "t2v_pretrain", "eval/flow_loss")):
+    stages = (("autoencoder", "autoencoder", "eval/psnr"), ("t2v", "t2v_pretrain", "eval/flow_loss"),
+              ("a2v", "a2v_pretrain", "eval/oracle/lipsync_corr"), ("sft", "personality_sft", "eval/oracle/jitter"))
+    for stage, kind, metric in stages:
         stage_dir = run_dir / "stages" / stage
         done = json.loads((stage_dir / "DONE.json").read_text())
         assert done["kind"] == kind
@@ -43,19 +45,24 @@ def test_autoencoder_learns(finished_run):
 
 def test_wandb_offline_runs_hold_metrics_and_group(finished_run):
     run_dir, _ = finished_run
-    for stage, metric in (("autoencoder", "eval/psnr"), ("t2v", "eval/flow_loss")):
+    stages = (("autoencoder", "eval/psnr"), ("t2v", "eval/flow_loss"), ("a2v", "eval/oracle/lipsync_corr"),
+              ("sft", "eval/oracle/identity_error"))
+    for stage, metric in stages:
         record = read_offline_run(run_dir / "wandb", stage)
         assert record["group"] == "tiny"
         assert record["job_type"] == stage
         assert {"train/loss", "train/lr", "train/grad_norm", metric, "perf/samples_per_s"} <= record["history_keys"]
         assert record["artifacts"] >= 1  # exported weights logged as a reference artifact
+        if stage in ("a2v", "sft"):
+            assert "eval/samples/_type" in record["history_keys"]  # sampled videos (a wandb.Video)
 
 
 def test_rerun_skips_done_stages_and_rejects_changed_config(finished_run, shared_data):
     run_dir, _ = finished_run
     out = run_dir.parent
     again = run_cli("run", str(TINY), *small_overrides(out, shared_data), "--plan")
-    assert re.search(r"plan: autoencoder\s+skip", again.stdout) and re.search(r"plan: t2v\s+skip", again.stdout)
+    for stage in ("autoencoder", "t2v", "a2v", "sft"):
+        assert re.search(rf"plan: {stage}\s+skip", again.stdout), again.stdout
     changed = run_cli("run", str(TINY), *small_overrides(out, shared_data, t2v_steps=13), check=False)
     assert changed.returncode == 2
     assert "'t2v'" in changed.stderr and "--rerun t2v" in changed.stderr

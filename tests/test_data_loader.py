@@ -1,4 +1,5 @@
-"""The streaming loader: batch contents, exact resume, rank/worker split, bad data handling, eval batches."""
+"""The streaming loader: batch contents, identity references, exact resume, rank/worker split, bad data
+handling, eval batches."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ from avatarforge.data.tokenizer import decode_ids
 
 SIZE, FPS, SR, FRAMES = 32, 25.0, 16000, 9
 AUDIO_LEN = int(FRAMES / FPS * SR)
+REF_FRAMES, REF_STRIDE = 9, 4  # the DataConfig defaults
+REF_AUDIO_LEN = int(REF_FRAMES * REF_STRIDE / FPS * SR)
 SYNTH = SynthConfig(
-    identities=4, heldout_identities=1, clips_per_identity=2, clip_seconds=0.8, shard_size=2, workers=1
+    identities=4, heldout_identities=1, clips_per_identity=2, clip_seconds=0.8, reference_seconds=2.0,
+    shard_size=2, workers=1,
 )
 TRAIN_KEYS = {f"id{i:04d}-{c:04d}" for i in range(4) for c in range(2)}
 
@@ -56,6 +60,11 @@ def _members(tar_path: Path) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar]
 
 
+def _clip_keys(tar_path: Path) -> list[str]:
+    """Keys of the clips in a shard (identity reference records, members ref.*, left out)."""
+    return sorted({n.split(".")[0] for n, _ in _members(tar_path) if ".ref." not in n})
+
+
 def _write_members(tar_path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(tar_path, "w") as tar:
         for name, data in members:
@@ -83,6 +92,11 @@ def test_batch_contents(root: Path) -> None:
         assert key in TRAIN_KEYS and key.startswith(ident)
         assert decode_ids(ids).startswith("a") and " room" in decode_ids(ids)
     assert float(batch["audio"].abs().max()) > 0.01
+    assert batch["reference"].shape == (3, 3, REF_FRAMES, SIZE, SIZE) and batch["reference"].dtype == torch.float32
+    assert batch["reference_audio"].shape == (3, REF_AUDIO_LEN)
+    assert len(batch["phonemes"]) == len(batch["identity_params"]) == 3
+    assert all(p["name"] == i for p, i in zip(batch["identity_params"], batch["identity"], strict=True))
+    assert all(0.0 <= ph[0] <= ph[1] <= FRAMES / FPS for phones in batch["phonemes"] for ph in phones)
 
 
 def test_crop_and_resize_and_audio_alignment(root: Path) -> None:
@@ -144,6 +158,9 @@ def test_resumed_tensors_are_identical(root: Path) -> None:
     resumed = next(iter(build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=1, start_batch=4)))
     assert resumed["key"] == full[4]["key"]
     assert torch.equal(resumed["video"], full[4]["video"]) and torch.equal(resumed["audio"], full[4]["audio"])
+    assert torch.equal(resumed["reference"], full[4]["reference"])
+    assert torch.equal(resumed["reference_audio"], full[4]["reference_audio"])
+    assert resumed["phonemes"] == full[4]["phonemes"]
 
 
 def test_resume_seeks_without_decoding(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,8 +214,8 @@ def test_shard_assignment_partitions_every_epoch() -> None:
 def test_corrupt_samples_are_skipped_and_counted(root: Path, tmp_path: Path) -> None:
     data = _copy(root, tmp_path / "bad")
     first, second = data / "train" / "clips-000000.tar", data / "train" / "clips-000001.tar"
-    a, b = sorted({n.split(".")[0] for n, _ in _members(first)})
-    c, d = sorted({n.split(".")[0] for n, _ in _members(second)})
+    a, b = _clip_keys(first)
+    c, d = _clip_keys(second)
     garbage_mp4 = [(n, b"\x00not an mp4" * 50 if n == f"{a}.mp4" else x) for n, x in _members(first)]
     _write_members(first, garbage_mp4)
     # c: empty json; d: wav missing
@@ -272,3 +289,80 @@ def test_eval_batches_are_fixed_and_start_at_frame_zero(root: Path) -> None:
 def test_missing_dataset_has_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="generate or ingest"):
         build_train_loader(_cfg(tmp_path), batch_size=1, rank=0, world_size=1, seed=0)
+
+
+def _reference_members(root: Path, identity: str) -> dict[str, bytes]:
+    for tar_path in sorted((root / "train").glob("*.tar")):
+        found = {n.split(".", 1)[1]: x for n, x in _members(tar_path) if n.startswith(f"{identity}-reference.")}
+        if found:
+            return found
+    raise AssertionError(f"no reference for {identity}")
+
+
+def test_references_come_from_the_clips_identity_in_another_scene(root: Path) -> None:
+    loader = build_train_loader(_cfg(root, num_workers=0), batch_size=4, rank=0, world_size=1, seed=5)
+    starts = set()
+    for batch in [b for _, b in zip(range(2), loader, strict=False)]:
+        for i, ident in enumerate(batch["identity"]):
+            ref = _reference_members(root, ident)
+            meta = json.loads(ref["ref.json"])
+            assert meta["identity"] == ident and meta["kind"] == "reference" and meta["frames"] == 50
+            frames = read_frames(open_video(ref["ref.mp4"]), 0, 50, FPS)
+            expected = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [3, 50, S, S]
+            got = batch["reference"][i]
+            span = (REF_FRAMES - 1) * REF_STRIDE + 1
+            matches = [s for s in range(50 - span + 1)
+                       if torch.allclose(got, expected[:, s : s + span : REF_STRIDE], atol=1e-5)]
+            assert len(matches) == 1, ident
+            start = matches[0]
+            starts.add(start)
+            audio, _ = decode_wav(ref["ref.wav"])
+            a0 = int(round(start / FPS * SR))
+            window = np.zeros(REF_AUDIO_LEN, np.float32)
+            chunk = audio[a0 : a0 + REF_AUDIO_LEN]
+            window[: len(chunk)] = chunk
+            assert np.allclose(batch["reference_audio"][i].numpy(), window)
+            # another scene: the reference's backdrop is not the clip's
+            assert (batch["reference"][i][:, 0, 0, 0] - batch["video"][i][:, 0, 0, 0]).abs().max() > 0.05
+    assert len(starts) > 1  # random reference windows in training
+
+
+def test_eval_references_start_at_frame_zero(root: Path) -> None:
+    a = build_eval_batches(_cfg(root), split="heldout", batch_size=2, max_clips=2)
+    b = build_eval_batches(_cfg(root), split="heldout", batch_size=2, max_clips=2)
+    assert torch.equal(a[0]["reference"], b[0]["reference"])
+    with tarfile.open(root / "heldout" / "clips-000000.tar") as tar:
+        mp4 = tar.extractfile("id0004-reference.ref.mp4").read()
+        meta = json.loads(tar.extractfile("id0004-0000.json").read())
+    frames = read_frames(open_video(mp4), 0, 50, FPS)
+    first = torch.from_numpy(frames[: (REF_FRAMES - 1) * REF_STRIDE + 1 : REF_STRIDE]).permute(3, 0, 1, 2)
+    assert torch.allclose(a[0]["reference"][0], first.float() / 127.5 - 1.0, atol=1e-5)
+    # eval crops start at frame 0, so the phoneme timeline is the json's, cut at the crop's end
+    end = FRAMES / FPS
+    assert a[0]["phonemes"][0] == [[p[0], round(min(p[1], end), 5), *p[2:]] for p in meta["phonemes"] if p[0] < end]
+    assert a[0]["identity_params"][0] == meta["identity_params"]
+
+
+def test_no_references_when_not_asked_or_not_there(root: Path, tmp_path: Path) -> None:
+    batch = next(iter(build_train_loader(_cfg(root, num_workers=0, reference_frames=0), batch_size=2, rank=0,
+                                         world_size=1, seed=0)))
+    assert "reference" not in batch and "reference_audio" not in batch
+    plain = tmp_path / "plain"
+    generate_dataset(str(plain), SynthConfig(**{**SYNTH.__dict__, "reference_seconds": 0.0}), size=SIZE, fps=FPS,
+                     sample_rate=SR)
+    batch = next(iter(build_train_loader(_cfg(plain, num_workers=0), batch_size=2, rank=0, world_size=1, seed=0)))
+    assert "reference" not in batch and batch["video"].shape == (2, 3, FRAMES, SIZE, SIZE)
+    with pytest.raises(ValueError, match="reference_stride"):
+        build_train_loader(_cfg(root, reference_stride=0), batch_size=1, rank=0, world_size=1, seed=0)
+
+
+def test_a_clip_whose_reference_is_missing_is_a_bad_sample(root: Path, tmp_path: Path) -> None:
+    data = _copy(root, tmp_path / "noref")
+    shard = data / "train" / "clips-000001.tar"
+    _write_members(shard, [(n, x) for n, x in _members(shard) if ".ref." not in n])
+    lost = set(_clip_keys(shard))
+    loader = build_train_loader(_cfg(data, num_workers=0, max_bad_fraction=0.5), batch_size=2, rank=0,
+                                world_size=1, seed=0)
+    batches = [b for _, b in zip(range(4), loader, strict=False)]  # one epoch
+    assert not {k for b in batches for k in b["key"]} & lost
+    assert loader.stats["skipped"] == len(lost) == 2

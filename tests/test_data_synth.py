@@ -1,4 +1,5 @@
-"""The v0 synthetic world: index contents, determinism, lip sync of the ground truth, codec round trip."""
+"""The synthetic world: index contents, identity-grouped shards with references, determinism, speech-driven
+mouths, ground truth in the json, codec round trip, identities, scenes and captions."""
 
 from __future__ import annotations
 
@@ -16,12 +17,24 @@ from avatarforge.data.index import read_index
 from avatarforge.data.media import decode_wav, open_video, read_frames
 from avatarforge.data.synth import dataset_exists, generate_dataset
 from avatarforge.data.synth.clip import make_clip
-from avatarforge.data.synth.identity import caption, sample_identity, sample_scene
+from avatarforge.data.synth.identity import (
+    HAIR,
+    ROOMS,
+    SKIN,
+    IdentityParams,
+    Scene,
+    caption,
+    sample_identity,
+    sample_scene,
+)
+from avatarforge.data.synth.motion import viseme_openness
 from avatarforge.data.synth.render import MOUTH_RGB, background, render_frame
+from avatarforge.data.synth.visemes import strip_stress, visemes_of
 
 SIZE, FPS, SR = 32, 25.0, 16000
 SYNTH = SynthConfig(
-    identities=3, heldout_identities=1, clips_per_identity=2, clip_seconds=0.8, shard_size=4, workers=1
+    identities=3, heldout_identities=1, clips_per_identity=2, clip_seconds=0.8, reference_seconds=1.2,
+    shard_size=4, workers=1,
 )
 
 
@@ -29,15 +42,23 @@ def _generate(root: Path, synth: SynthConfig = SYNTH) -> dict:
     return generate_dataset(str(root), synth, size=SIZE, fps=FPS, sample_rate=SR)
 
 
-def _samples(root: Path, split: str) -> list[dict[str, bytes]]:
-    """Members of every shard, grouped per key, in shard and tar order (stdlib tarfile: an independent reader)."""
-    out: dict[str, dict[str, bytes]] = {}
+def _records(root: Path, split: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(shard name, record) in shard and tar order, references included (stdlib tarfile: an
+    independent reader)."""
+    out: list[tuple[str, dict[str, bytes]]] = []
     for name in read_index(root, split)["shards"]:
         with tarfile.open(root / split / name) as tar:
             for member in tar:
                 key, ext = member.name.split(".", 1)
-                out.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
-    return list(out.values())
+                if not out or out[-1][1]["__key__"] != key or out[-1][0] != name:
+                    out.append((name, {"__key__": key}))
+                out[-1][1][ext] = tar.extractfile(member).read()
+    return out
+
+
+def _samples(root: Path, split: str) -> list[dict[str, bytes]]:
+    """The clips (reference records left out)."""
+    return [r for _, r in _records(root, split) if "json" in r]
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +72,16 @@ def test_index_contents(dataset: tuple[Path, dict]) -> None:
     assert set(indexes) == {"train", "heldout"}
     train, heldout = read_index(root, "train"), read_index(root, "heldout")
     assert train == indexes["train"] and heldout == indexes["heldout"]
+    # counts are clips only: references are not stream positions
     assert train["shards"] == ["clips-000000.tar", "clips-000001.tar"] and train["counts"] == [4, 2]
     assert train["total"] == 6 and heldout["total"] == 2 and heldout["shards"] == ["clips-000000.tar"]
     assert train["identities"] == ["id0000", "id0001", "id0002"] and heldout["identities"] == ["id0003"]
     assert train["fps"] == FPS and train["size"] == SIZE and train["frames_per_clip"] == 20
     assert train["duration_seconds"] == pytest.approx(6 * 0.8)
-    assert train["schema_version"] == 1
+    assert train["schema_version"] == 1 and train["generator"]["name"] == "synth-v1"
+    assert train["references"] == {f"id{i:04d}": f"id{i:04d}-reference" for i in range(3)}
+    assert train["shard_references"] == [["id0000", "id0001"], ["id0002"]]
+    assert train["reference_frames"] == 30 and heldout["references"] == {"id0003": "id0003-reference"}
     assert all((root / "train" / s).is_file() for s in train["shards"])
     assert dataset_exists(str(root))
 
@@ -74,17 +99,63 @@ def test_dataset_exists_detects_missing_pieces(tmp_path: Path, dataset: tuple[Pa
     assert not dataset_exists(str(copy))
 
 
-def test_samples_are_well_formed_and_grouped_by_identity(dataset: tuple[Path, dict]) -> None:
+def test_shards_group_identities_with_their_reference_first(dataset: tuple[Path, dict]) -> None:
+    root, _ = dataset
+    order = [(shard, r["__key__"]) for shard, r in _records(root, "train")]
+    assert order == [
+        ("clips-000000.tar", "id0000-reference"), ("clips-000000.tar", "id0000-0000"),
+        ("clips-000000.tar", "id0000-0001"), ("clips-000000.tar", "id0001-reference"),
+        ("clips-000000.tar", "id0001-0000"), ("clips-000000.tar", "id0001-0001"),
+        ("clips-000001.tar", "id0002-reference"), ("clips-000001.tar", "id0002-0000"),
+        ("clips-000001.tar", "id0002-0001"),
+    ]
+    for _, r in _records(root, "train"):
+        if r["__key__"].endswith("-reference"):
+            assert set(r) == {"__key__", "ref.json", "ref.mp4", "ref.wav"}  # never mistaken for a clip
+            meta = json.loads(r["ref.json"])
+            assert meta["kind"] == "reference" and meta["frames"] == 30 and meta["clip"] == "reference"
+            index = int(meta["identity"][2:])
+            assert meta["identity_params"] == sample_identity(0, index).to_json()
+            assert meta["scene"] == sample_scene(0, index, "reference").to_json()  # a scene of its own
+            assert len(open_video(r["ref.mp4"])) == 30
+            assert len(decode_wav(r["ref.wav"])[0]) == int(1.2 * SR)
+
+
+def test_an_identity_split_across_shards_gets_its_reference_in_each(tmp_path: Path) -> None:
+    synth = SynthConfig(identities=2, heldout_identities=1, clips_per_identity=3, clip_seconds=0.4,
+                        reference_seconds=0.4, shard_size=2, workers=1)
+    index = _generate(tmp_path, synth)["train"]
+    assert index["counts"] == [2, 2, 2]
+    assert index["shard_identities"] == [["id0000"], ["id0000", "id0001"], ["id0001"]]
+    assert index["shard_references"] == index["shard_identities"]
+    order = [(s, r["__key__"]) for s, r in _records(tmp_path, "train")]
+    assert order[:4] == [("clips-000000.tar", "id0000-reference"), ("clips-000000.tar", "id0000-0000"),
+                         ("clips-000000.tar", "id0000-0001"), ("clips-000001.tar", "id0000-reference")]
+    # no references at all when reference_seconds is 0
+    none = _generate(tmp_path / "none", SynthConfig(**{**synth.__dict__, "reference_seconds": 0.0}))["train"]
+    assert none["references"] == {} and none["reference_frames"] == 0
+    assert all("json" in r for _, r in _records(tmp_path / "none", "train"))
+
+
+def test_clips_are_well_formed_with_ground_truth(dataset: tuple[Path, dict]) -> None:
     root, _ = dataset
     samples = _samples(root, "train")
-    keys = [s["__key__"] for s in samples]
-    assert keys == ["id0000-0000", "id0000-0001", "id0001-0000", "id0001-0001", "id0002-0000", "id0002-0001"]
+    assert [s["__key__"] for s in samples] == [
+        "id0000-0000", "id0000-0001", "id0001-0000", "id0001-0001", "id0002-0000", "id0002-0001"]
     for s in samples:
         assert set(s) == {"__key__", "json", "mp4", "wav"}
         meta = json.loads(s["json"])
         assert meta["identity"] == s["__key__"][:6] and meta["frames"] == 20 and meta["fps"] == FPS
-        assert meta["sample_rate"] == SR and len(meta["mouth_open"]) == 20 and meta["schema_version"] == 1
+        assert meta["kind"] == "clip" and meta["sample_rate"] == SR and meta["schema_version"] == 1
+        for track in ("mouth_open", "mouth_width", "mouth_bite", "smile", "brow", "eye_open", "viseme_open",
+                      "head_offset"):
+            assert len(meta[track]) == 20, track
         assert meta["identity_params"] == sample_identity(0, int(meta["identity"][2:])).to_json()
+        assert IdentityParams.from_json(meta["identity_params"]) == sample_identity(0, int(meta["identity"][2:]))
+        assert Scene.from_json(meta["scene"]) == sample_scene(0, int(meta["identity"][2:]), meta["clip"])
+        assert meta["text"] and meta["phonemes"] and all(len(p) == 4 for p in meta["phonemes"])
+        assert all(0.0 <= p[0] <= p[1] <= 0.8 for p in meta["phonemes"])
+        assert all(p[3] == visemes_of(strip_stress(p[2])[0])[0] for p in meta["phonemes"])
         ident = meta["identity_params"]
         assert ident["hair_colour"] in meta["caption"] or ident["hair_style"] == "bald"
         assert meta["scene"]["colour"] in meta["caption"]
@@ -116,17 +187,25 @@ def test_parallel_generation_matches_serial(tmp_path: Path, dataset: tuple[Path,
             assert (tmp_path / split / shard).read_bytes() == (root / split / shard).read_bytes()
 
 
-def test_mouth_follows_audio_envelope(dataset: tuple[Path, dict]) -> None:
+def test_mouth_follows_the_phonemes_not_loudness(dataset: tuple[Path, dict]) -> None:
     root, _ = dataset
-    hop = int(SR / FPS)
+    closed, open_ = [], []
     for s in _samples(root, "train") + _samples(root, "heldout"):
         meta = json.loads(s["json"])
+        art = meta["identity_params"]["articulation"]
+        phones = [tuple(p[:3]) for p in meta["phonemes"]]
+        implied = viseme_openness(phones, meta["frames"], FPS)
+        # the json's mouth is exactly the articulation-scaled viseme trajectory
+        assert np.allclose(meta["mouth_open"], np.clip(art * implied, 0, 1), atol=1e-4)
+        assert np.allclose(meta["viseme_open"], implied, atol=1e-4)
+        mouth = np.asarray(meta["mouth_open"]) / art
+        for a, b, _name, vis in meta["phonemes"]:
+            frame = int((a + b) / 2 * FPS)
+            if b - a >= 0.06 and frame < meta["frames"]:
+                (closed if vis == "MBP" else open_ if vis == "AA" else []).append(mouth[frame])
         audio, rate = decode_wav(s["wav"])
-        assert rate == SR
-        rms = np.sqrt((audio[: 20 * hop].reshape(20, hop) ** 2).mean(axis=1))
-        mouth = np.asarray(meta["mouth_open"])
-        assert mouth.max() > 0.2 and mouth.min() < 0.1  # it actually opens and closes
-        assert np.corrcoef(rms, mouth)[0, 1] > 0.8, s["__key__"]
+        assert rate == SR and np.abs(audio).max() > 0.05  # real speech in the wav
+    assert closed and open_ and np.mean(closed) < 0.35 < 0.6 < np.mean(open_)  # lips close on m/b/p
 
 
 def test_decoded_video_matches_rendered_frames(dataset: tuple[Path, dict]) -> None:
@@ -135,6 +214,7 @@ def test_decoded_video_matches_rendered_frames(dataset: tuple[Path, dict]) -> No
     ident = sample_identity(0, 1)
     encoded, frames = make_clip(ident, 1, 1, seed=0, seconds=0.8, size=SIZE, fps=FPS, sample_rate=SR)
     assert encoded["json"] == sample["json"]  # rendering is a pure function of (seed, identity, clip)
+    assert encoded["wav"] == sample["wav"]
     decoded = read_frames(open_video(sample["mp4"]), 0, 20, FPS)
     assert decoded.shape == frames.shape
     assert np.abs(decoded.astype(np.float32) - frames.astype(np.float32)).mean() < 10.0
@@ -149,7 +229,12 @@ def test_rendered_mouth_opens_with_mouth_parameter() -> None:
         return int((np.abs(frame - np.asarray(MOUTH_RGB)).sum(axis=-1) < 40).sum())
 
     closed, half, wide = mouth_pixels(0.0), mouth_pixels(0.5), mouth_pixels(1.0)
-    assert closed < half < wide and wide > 40
+    assert closed < half < wide and wide > 30
+    base = render_frame(ident, bg, 0.0, 1.0, 0.0, 0.0).astype(np.int32)
+    for kw in ({"smile": 1.0}, {"brow": 1.0}, {"mouth_bite": 1.0}, {"mouth_width": 0.1}):
+        assert np.abs(render_frame(ident, bg, 0.0, 1.0, 0.0, 0.0, **kw).astype(np.int32) - base).sum() > 200, kw
+    for size in (16, 96, 256):  # any even size renders
+        assert render_frame(ident, background(scene, size), 0.5, 1.0, 0.0, 0.0).shape == (size, size, 3)
 
 
 def test_identities_differ_and_are_deterministic() -> None:
@@ -160,9 +245,36 @@ def test_identities_differ_and_are_deterministic() -> None:
         len({json.dumps({k: v for k, v in p.items() if k != "name"}, sort_keys=True) for p in people}) == 12
     )
     assert sample_identity(1, 0) != a
+    many = [sample_identity(0, i) for i in range(200)]
+    for field in ("hair_style", "skin", "voice", "glasses", "earrings", "teeth_gap"):
+        assert len({getattr(p, field) for p in many}) > 1, field
+    assert all(125 <= p.speech_rate <= 225 and 0.45 <= p.articulation <= 1.0 for p in many)
+
+
+def test_scenes_are_separate_from_identity_and_never_skin_coloured() -> None:
+    assert sample_scene(0, 1, 0) == sample_scene(0, 1, 0) and sample_scene(0, 1, 0) != sample_scene(0, 1, 1)
+    assert {sample_scene(0, 1, c).light for c in range(30)} == {"front", "left", "right"}
+
+    def log_dist(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+        return float(np.linalg.norm(np.log(np.asarray(a) + 20.0) - np.log(np.asarray(b) + 20.0)))
+
+    for room in ROOMS.values():
+        for shade in (0.8, 1.0, 1.12):
+            lit = tuple(int(c * shade) for c in room)
+            assert min(log_dist(lit, skin) for skin in SKIN.values()) > 0.35
+    assert min(log_dist(h, s) for h in HAIR.values() for s in SKIN.values() if h != HAIR["brown"]) > 0.3
 
 
 def test_captions_fit_default_text_length() -> None:
     captions = [caption(sample_identity(s, i), sample_scene(s, i, 0)) for s in range(3) for i in range(200)]
     assert max(len(c.encode()) for c in captions) <= 96
-    assert any("glasses" in c for c in captions) and any("bald" in c for c in captions)
+    for word in ("glasses", "earrings", "bald", "in a bun", "curly", "smiling", "quickly", "slowly"):
+        assert any(word in c for c in captions), word
+
+
+def test_sizes_the_loader_cannot_decode_are_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="size 48: decord cannot decode"):
+        generate_dataset(str(tmp_path), SYNTH, size=48, fps=FPS, sample_rate=SR)
+    with pytest.raises(ValueError, match="even number"):
+        generate_dataset(str(tmp_path), SYNTH, size=33, fps=FPS, sample_rate=SR)
+    assert not any(tmp_path.iterdir())  # nothing written

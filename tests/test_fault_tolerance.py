@@ -14,7 +14,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, TINY, cli_env, small_overrides
+from tests.conftest import ROOT, TINY, autoencoder_only, cli_env, small_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -41,7 +41,7 @@ def train_workers(root_pid: int) -> list[psutil.Process]:
 
 def test_killed_worker_restarts_from_checkpoint(tmp_path, shared_data):
     config = single_stage_config(tmp_path)
-    overrides = [o for o in small_overrides(tmp_path, shared_data, ae_steps=16) if "t2v" not in o]
+    overrides = autoencoder_only(small_overrides(tmp_path, shared_data, ae_steps=16))
     overrides += ["stages.autoencoder.train.scaling.max_failures=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarforge.cluster.cli", "run", str(config), *overrides], cwd=ROOT,

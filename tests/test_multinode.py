@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import run_cli, small_overrides
+from tests.conftest import autoencoder_only, run_cli, small_overrides
 from tests.ray_cluster import LoopbackCluster
 from tests.test_fault_tolerance import single_stage_config
 
@@ -20,7 +20,7 @@ def test_two_nodes_spread_zero2(tmp_path, shared_data):
     try:
         cluster.add_node(cpus=1)
         cluster.wait_for_nodes(2)
-        overrides = [o for o in small_overrides(tmp_path, shared_data, ae_steps=8) if "t2v" not in o]
+        overrides = autoencoder_only(small_overrides(tmp_path, shared_data, ae_steps=8))
         overrides += [
             "train_defaults.scaling.num_workers=2",
             "train_defaults.scaling.cpus_per_worker=1",

@@ -26,13 +26,15 @@ def actions(runner):
 
 
 def test_fresh_run_starts_everything(tmp_path):
-    assert actions(CurriculumRunner(cfg_for(tmp_path))) == {"autoencoder": "start", "t2v": "init_from_parents"}
+    assert actions(CurriculumRunner(cfg_for(tmp_path))) == {
+        "autoencoder": "start", "t2v": "init_from_parents", "a2v": "init_from_parents", "sft": "init_from_parents"}
 
 
 def test_done_stage_with_same_hash_is_skipped(tmp_path):
     runner = CurriculumRunner(cfg_for(tmp_path))
     finish(runner, "autoencoder", runner.plan()[0].config_hash)
-    assert actions(runner) == {"autoencoder": "skip", "t2v": "init_from_parents"}
+    assert actions(runner)["autoencoder"] == "skip"
+    assert actions(runner)["t2v"] == "init_from_parents"
 
 
 def test_changed_config_on_done_stage_is_an_error_naming_it(tmp_path):
@@ -43,8 +45,8 @@ def test_changed_config_on_done_stage_is_an_error_naming_it(tmp_path):
         changed.plan()
     # --rerun accepts the change and reruns the descendants too
     rerun = CurriculumRunner(cfg_for(tmp_path, "stages.autoencoder.train.steps=3"), rerun=["autoencoder"])
-    assert actions(rerun) == {"autoencoder": "start", "t2v": "init_from_parents"}
-    assert rerun.rerun == {"autoencoder", "t2v"}
+    assert actions(rerun)["autoencoder"] == "start"
+    assert rerun.rerun == {"autoencoder", "t2v", "a2v", "sft"}
 
 
 def test_own_checkpoint_means_resume(tmp_path):

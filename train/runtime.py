@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -111,14 +112,15 @@ class WorkerLoop:
                 if rank == 0:
                     print(f"[{self.spec.stage}] step {step}/{cfg.steps} loss {metrics['train/loss']:.4f}", flush=True)
             if step % cfg.eval.every_steps == 0 or step == cfg.steps:
-                eval_metrics = self._evaluate(task, strategy, ema)
+                eval_metrics, media = self._evaluate(task, strategy, ema)
                 metrics.update(eval_metrics)
                 tracker.log(eval_metrics, step)
+                tracker.log_videos(media, step)
             if step % cfg.checkpoint.every_steps == 0 and step < cfg.steps:
                 self._report(strategy, ema, step, metrics, final=False)
                 last_saved = step
 
-        self._export(strategy, ema)
+        self._export(task, strategy, ema)
         if rank == 0:
             tracker.log_weights(f"{self.spec.stage}-weights", self.spec.export_path, {"step": step})
             tracker.summary({**metrics, "final_step": step})
@@ -148,12 +150,19 @@ class WorkerLoop:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), counter:
-            task.loss(strategy.module, to_device(batch, strategy.device))
+        # Grad stays enabled: FlopCounterMode's module tracker fails under no_grad when a module gets a
+        # parameter as input. The graph is dropped unused.
+        try:
+            with torch.random.fork_rng(devices=[]), counter:
+                task.loss(strategy.module, to_device(batch, strategy.device))
+        except (AssertionError, RuntimeError) as exc:
+            print(f"[{self.spec.stage}] FLOP counting failed ({exc}); MFU not reported", flush=True)
+            return 0.0
         samples, _ = task.batch_stats(batch)
         return counter.get_total_flops() / max(samples, 1)
 
-    def _evaluate(self, task: TrainTask, strategy: DeepSpeedStrategy, ema: EMA | None) -> dict[str, float]:
+    def _evaluate(self, task: TrainTask, strategy: DeepSpeedStrategy,
+                  ema: EMA | None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         module = strategy.module
         was_training = module.training
         module.eval()
@@ -167,7 +176,10 @@ class WorkerLoop:
                     out = task.evaluate(module)
         finally:
             module.train(was_training)
-        return {k if k.startswith("eval/") else f"eval/{k}": v for k, v in out.items()}
+        out = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in out.items()}
+        # arrays are sample videos (uint8 [T, H, W, 3]) for the tracker; the rest are metrics
+        media = {k: v for k, v in out.items() if isinstance(v, np.ndarray)}
+        return {k: float(v) for k, v in out.items() if k not in media}, media
 
     def _report(self, strategy: DeepSpeedStrategy, ema: EMA | None, step: int,
                 metrics: dict[str, float], *, final: bool) -> None:
@@ -199,11 +211,18 @@ class WorkerLoop:
             ema.load_state_dict(ema_state)
         return int(state["step"])
 
-    def _export(self, strategy: DeepSpeedStrategy, ema: EMA | None) -> None:
+    def _export(self, task: TrainTask, strategy: DeepSpeedStrategy, ema: EMA | None) -> None:
         """The stage's product: full weights (EMA ones when enabled) as safetensors, written by rank 0."""
         state = strategy.full_state_dict()
         if ema is not None:
             state.update({k: v.clone() for k, v in ema.state_dict().items()})
+        finalize = getattr(task, "export_state", None)
+        if finalize is not None:
+            # e.g. a calibrated buffer or merged adapters, from the weights that get exported (EMA if on)
+            module = strategy.module
+            applied = ema.applied(module) if ema is not None else contextlib.nullcontext(module)
+            with applied, torch.random.fork_rng(devices=[]), torch.no_grad():
+                state = {k: v.detach().cpu().clone() for k, v in finalize(module, state).items()}
         if self.rank == 0:
             tensors = {k: v.contiguous() for k, v in state.items()}
             atomic_write(self.spec.export_path, lambda tmp: save_file(tensors, tmp))

@@ -32,6 +32,10 @@ class TrainTask(Protocol):
     def batch_stats(self, batch: Any) -> tuple[int, int]:
         """(samples, tokens) in a micro batch, for throughput metrics."""
 
+    # Optional: `export_state(model, state) -> state`: the state dict to export, given the default one
+    # (full weights, EMA when enabled) and the model with those weights applied; e.g. a calibrated buffer
+    # or LoRA adapters merged into the base weights.
+
 
 @dataclass
 class RunSpec:

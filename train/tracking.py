@@ -75,6 +75,24 @@ class Tracker:
         if self.run:
             self.run.log({**metrics, "step": step}, step=step)
 
+    def log_videos(self, videos: dict[str, Any], step: int, fps: int = 25) -> None:
+        """Sample videos, uint8 arrays [T, H, W, 3] (several clips side by side are one video), written as
+        mp4 with PyAV (wandb's own array encoder needs moviepy, which this project does not install)."""
+        if not (self.run and videos):
+            return
+        import wandb
+
+        from avatarforge.data.media import encode_mp4
+
+        media_dir = Path(self.run.dir) / "media_src"
+        media_dir.mkdir(parents=True, exist_ok=True)
+        logged = {}
+        for name, frames in videos.items():
+            path = media_dir / f"{name.replace('/', '_')}_{step:08d}.mp4"
+            path.write_bytes(encode_mp4(frames, fps))
+            logged[name] = wandb.Video(str(path), format="mp4")
+        self.run.log(logged, step=step)
+
     def log_weights(self, name: str, path: str, metadata: dict[str, Any]) -> None:
         """Exported weights as a reference artifact: lineage without uploading the file."""
         if not self.run:

@@ -1,7 +1,9 @@
-"""v0 'speech': voiced syllables (harmonic tones at the identity's pitch) with smooth envelopes.
+"""A clip's speech: eSpeak NG sentences in the identity's voice, with a phoneme timeline.
 
-The per-sample loudness envelope is kept as ground truth; the mouth opening is derived from it, so the
-rendered mouth moves exactly with the audio.
+Sentences are spoken one after another with short pauses, resampled from eSpeak's 22050 Hz to the
+dataset rate, and a window of exactly the clip's duration is cut from that stream (sometimes from the
+start of a sentence, sometimes mid-sentence, as real talking-head clips are). Phoneme and word times
+come from eSpeak's events, shifted into the window, so they are exact for the audio in the clip.
 """
 
 from __future__ import annotations
@@ -10,66 +12,105 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .espeak import Utterance, engine, resample
 from .identity import IdentityParams
+from .sentences import sentence
 
-HARMONICS = 8
-CONSONANT_SECONDS = 0.03
+PEAK = 0.8  # output peak level: eSpeak's full-volume peaks scaled to this
+FADE_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
 class Speech:
-    audio: np.ndarray  # float32 [N] in [-1, 1]
-    envelope: np.ndarray  # float32 [N], voiced loudness in [0, 1]
-    syllables: list[tuple[float, float, float]]  # (start s, duration s, peak amplitude)
+    audio: np.ndarray  # float32 [N] in [-1, 1] at sample_rate
+    sample_rate: int
+    phones: list[tuple[float, float, str]]  # (start s, end s, eSpeak mnemonic with stress marks)
+    words: list[tuple[float, float, str]]  # (start s, end s, word)
+    text: str  # the sentences spoken (the window may hold only part of them)
 
 
-def syllable_timeline(
-    identity: IdentityParams, seconds: float, rng: np.random.Generator
-) -> list[tuple[float, float, float]]:
-    """Syllables at the identity's rate, with occasional pauses between 'words'."""
-    out: list[tuple[float, float, float]] = []
-    t = float(rng.uniform(0.03, 0.15))
+def _utterance_timeline(utt: Utterance, text: str) -> tuple[list[tuple[float, float, str]],
+                                                              list[tuple[float, float, str]]]:
+    """Phones and words of one utterance, in seconds from its start."""
+    rate = float(utt.sample_rate)
+    total = len(utt.audio) / rate
+    phones = []
+    for i, ph in enumerate(utt.phones):
+        end = utt.phones[i + 1].sample / rate if i + 1 < len(utt.phones) else total
+        phones.append((ph.sample / rate, max(end, ph.sample / rate), ph.name))
+    words = []
+    for i, w in enumerate(utt.words):
+        end = utt.words[i + 1].sample / rate if i + 1 < len(utt.words) else total
+        # the word ends where its last phoneme ends, not where the next word (after a pause) starts
+        inside = [p for p in phones if w.sample / rate <= p[0] < end and not p[2].startswith("_")]
+        if inside:
+            end = inside[-1][1]
+        token = text[max(0, w.text_position - 1) : max(0, w.text_position - 1) + max(0, w.length)]
+        words.append((w.sample / rate, end, token.strip(".,?!;:'\" ")))
+    return phones, words
+
+
+def speak(identity: IdentityParams, seconds: float, sample_rate: int, rng: np.random.Generator) -> Speech:
+    """Exactly round(seconds * sample_rate) samples of this identity talking (deterministic in rng)."""
+    n_out = int(round(seconds * sample_rate))
+    lead = float(rng.uniform(0.0, 0.25))
+    pieces: list[np.ndarray] = [np.zeros(int(round(lead * sample_rate)))]
+    # silences we insert are pause phonemes in the timeline too (eSpeak marks its own with "_")
+    phones: list[tuple[float, float, str]] = [(0.0, len(pieces[0]) / sample_rate, "_")] if lead > 0 else []
+    words: list[tuple[float, float, str]] = []
+    texts: list[str] = []
+    t = lead
+    first_len = None
+    # a start offset into the stream: half of the clips begin mid-sentence
+    offset = 0.0
+    tts = engine()
     while True:
-        dur = float(rng.uniform(0.75, 1.25)) / identity.speech_rate
-        if t + dur > seconds:
+        text = sentence(rng)
+        utt = tts.synth(text, voice=identity.voice, rate=identity.speech_rate, pitch=identity.pitch,
+                        pitch_range=identity.pitch_range)
+        audio = resample(utt.audio.astype(np.float64) / 32768.0, utt.sample_rate, sample_rate) * (PEAK / 0.92)
+        u_phones, u_words = _utterance_timeline(utt, text)
+        end = len(audio) / sample_rate  # the resampled length can differ from eSpeak's by a sample
+        phones += [(t + min(a, end), t + min(b, end), name) for a, b, name in u_phones]
+        words += [(t + min(a, end), t + min(b, end), w) for a, b, w in u_words]
+        texts.append(text)
+        pieces.append(audio)
+        t += len(audio) / sample_rate
+        if first_len is None:
+            first_len = len(audio) / sample_rate
+            if rng.random() < 0.5:
+                offset = float(rng.uniform(0.0, 0.5 * first_len))
+        if t >= offset + seconds:
             break
-        out.append((round(t, 4), round(dur, 4), round(float(rng.uniform(0.55, 1.0)), 3)))
-        t += dur + (float(rng.uniform(0.12, 0.35)) if rng.random() < 0.2 else float(rng.uniform(0.0, 0.03)))
-    return out
+        pause = float(rng.uniform(0.1, 0.4))
+        pieces.append(np.zeros(int(round(pause * sample_rate))))
+        phones.append((t, t + len(pieces[-1]) / sample_rate, "_"))
+        t += len(pieces[-1]) / sample_rate
+    stream = np.concatenate(pieces)
+    a0 = int(round(offset * sample_rate))
+    window = np.zeros(n_out)
+    chunk = stream[a0 : a0 + n_out]
+    window[: len(chunk)] = chunk
+    fade = max(1, int(FADE_SECONDS * sample_rate))
+    ramp = np.linspace(0.0, 1.0, fade)
+    window[:fade] *= ramp  # no click where the window cuts into a sound
+    window[-fade:] *= ramp[::-1]
+    t0 = a0 / sample_rate
+    duration = n_out / sample_rate
 
+    def clip(items: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+        out = []
+        for a, b, name in items:
+            a, b = a - t0, b - t0
+            if b <= 0.0 or a >= duration:
+                continue
+            out.append((round(max(a, 0.0), 5), round(min(b, duration), 5), name))
+        return out
 
-def synth_speech(
-    identity: IdentityParams, n_samples: int, sample_rate: int, rng: np.random.Generator
-) -> Speech:
-    seconds = n_samples / sample_rate
-    syllables = syllable_timeline(identity, seconds, rng)
-    envelope = np.zeros(n_samples)
-    f0 = np.full(n_samples, identity.pitch_hz)
-    burst = np.zeros(n_samples)
-    for start, dur, amp in syllables:
-        a, b = int(round(start * sample_rate)), min(n_samples, int(round((start + dur) * sample_rate)))
-        x = (np.arange(a, b) - a) / max(1, b - a)
-        envelope[a:b] = amp * np.sin(np.pi * x) ** 2  # Hann: smooth onset and release
-        f0[a:b] *= float(rng.uniform(0.92, 1.08)) * (1.0 + 0.04 * np.sin(np.pi * x))  # a little intonation
-        if rng.random() < 0.6:  # a consonant: short noise burst leading into the vowel
-            c = min(b, a + int(CONSONANT_SECONDS * sample_rate))
-            burst[a:c] = 0.12 * amp * np.hanning(c - a)
-    phase = 2.0 * np.pi * np.cumsum(f0) / sample_rate
-    weights = 1.0 / np.arange(1, HARMONICS + 1)
-    voiced = sum(w * np.sin(k * phase) for k, w in enumerate(weights, start=1)) / weights.sum()
-    noise = np.diff(rng.standard_normal(n_samples + 1))  # differenced: hiss, not rumble
-    audio = 0.8 * voiced * envelope + burst * noise + 0.002 * rng.standard_normal(n_samples)
     return Speech(
-        audio=np.clip(audio, -1.0, 1.0).astype(np.float32),
-        envelope=envelope.astype(np.float32),
-        syllables=syllables,
+        audio=np.clip(window, -1.0, 1.0).astype(np.float32),
+        sample_rate=sample_rate,
+        phones=clip(phones),
+        words=clip(words),
+        text=" ".join(texts),
     )
-
-
-def envelope_at_frames(envelope: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
-    """Envelope averaged over each frame's time window (what a camera shutter would integrate)."""
-    edges = np.round(np.arange(n_frames + 1) * sample_rate / fps).astype(np.int64)
-    edges = np.clip(edges, 0, len(envelope))
-    csum = np.concatenate([[0.0], np.cumsum(envelope, dtype=np.float64)])
-    width = np.maximum(1, edges[1:] - edges[:-1])
-    return ((csum[edges[1:]] - csum[edges[:-1]]) / width).astype(np.float32)

@@ -1,0 +1,189 @@
+"""Inference: reference video + audio (any length) -> a lip-synced mp4 with the audio muxed in.
+
+The audio is cut into windows of `data.frames` video frames; window k+1 starts on the last frame of
+window k and keeps it (its first latent frame, which the causal autoencoder encodes from that one frame,
+is held to the previous window's encoding at every sampling step), so windows continue one another.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from avatarforge.data.config import DataConfig
+from avatarforge.data.footage import CutStats, SkipSource, read_audio, square_frame
+from avatarforge.data.tokenizer import encode_text
+from avatarforge.model.audio import AudioEncoderConfig
+from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
+from avatarforge.model.flow import interpolate, sampling_timesteps
+from avatarforge.model.guidance import guided_velocity
+from avatarforge.model.text_encoder import TextEncoderConfig
+from avatarforge.stages.common import FrozenAutoencoder, typed
+
+AVATAR_KINDS = ("personality_sft", "a2v_pretrain")  # preferred first when a run directory is given
+
+
+class GenerateError(ValueError):
+    """Bad inference input; the message is one line for the user."""
+
+
+@dataclass
+class GenerateOptions:
+    steps: int = 12
+    guidance_audio: float = 2.0
+    guidance_ref: float = 1.5
+    guidance_text: float = 1.0
+    seed: int = 0
+    caption: str = ""
+
+
+def resolve_stage(checkpoint: str | Path) -> Path:
+    """A stage dir, its DONE.json, or a run dir (its sft stage, else a2v) -> the stage dir."""
+    path = Path(checkpoint)
+    if path.name == "DONE.json":
+        path = path.parent
+    if (path / "DONE.json").exists():
+        return path
+    if (path / "stages").is_dir():
+        done = {p.parent: json.loads(p.read_text())["kind"] for p in (path / "stages").glob("*/DONE.json")}
+        for kind in AVATAR_KINDS:
+            found = [d for d, k in done.items() if k == kind]
+            if found:
+                return found[0]
+        raise GenerateError(f"{path} has no finished a2v or sft stage (kinds found: {sorted(set(done.values()))})")
+    raise GenerateError(f"{checkpoint} is not a finished stage or a curriculum run directory (no DONE.json)")
+
+
+class Generator:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+        stage_dir = resolve_stage(checkpoint)
+        done = json.loads((stage_dir / "DONE.json").read_text())
+        if done["kind"] not in AVATAR_KINDS:
+            raise GenerateError(f"{stage_dir} is a {done['kind']!r} stage; generate needs one of {AVATAR_KINDS}")
+        cfg = OmegaConf.to_container(OmegaConf.load(stage_dir / "config.yaml"), resolve=True)
+        ae_stages = [s for s, c in cfg["stages"].items() if c["kind"] == "autoencoder"]
+        ae_done = stage_dir.parent / ae_stages[0] / "DONE.json" if ae_stages else None
+        if ae_done is None or not ae_done.exists():
+            raise GenerateError(f"the autoencoder stage of {stage_dir.parent.parent} is missing or unfinished")
+        self.device = torch.device(device)
+        self.data = typed(DataConfig, cfg["data"])
+        self.autoencoder = FrozenAutoencoder(cfg["model"]["autoencoder"], json.loads(ae_done.read_text())["weights"])
+        self.model = AvatarModel(typed(TextEncoderConfig, cfg["model"]["text"]),
+                                 typed(AvatarDiTConfig, cfg["model"]["dit"]),
+                                 typed(AudioEncoderConfig, cfg["model"]["audio"]))
+        self.model.load_state_dict(load_file(done["weights"]))
+        self.model.to(self.device).eval()
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def read_reference(self, path: str | Path) -> torch.Tensor:
+        """[1, 3, reference_frames, S, S] in [-1, 1]: the video at data.fps, centre-square, resized."""
+        frames = []
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise GenerateError(f"{path}: no video stream")
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    frames.append(square_frame(frame, None, self.data.size))
+        except av.FFmpegError as exc:
+            raise GenerateError(f"{path}: not a readable video ({str(exc).splitlines()[0]})") from None
+        if not frames:
+            raise GenerateError(f"{path}: the video has no frames")
+        stride, count = self.data.reference_stride, self.data.reference_frames
+        idx = np.clip(np.arange(count) * stride, 0, len(frames) - 1)
+        video = torch.from_numpy(np.stack([frames[i] for i in idx])).float() / 127.5 - 1
+        return video.permute(3, 0, 1, 2)[None]
+
+    def read_audio(self, path: str | Path) -> torch.Tensor:
+        try:
+            audio = read_audio(str(path), self.data.sample_rate, CutStats())
+        except SkipSource as exc:
+            raise GenerateError(f"{path}: {exc}") from None
+        except (av.FFmpegError, OSError) as exc:
+            raise GenerateError(f"{path}: unreadable audio ({str(exc).splitlines()[0]})") from None
+        wave = torch.from_numpy(audio.pcm.astype(np.float32) / 32768.0)
+        if wave.numel() < self.data.sample_rate // self.data.fps:
+            raise GenerateError(f"{path}: the audio is empty or shorter than one video frame")
+        return wave
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, reference: torch.Tensor, wave: torch.Tensor, options: GenerateOptions,
+                 progress: bool = True) -> np.ndarray:
+        """uint8 frames [N, S, S, 3] covering the audio."""
+        fps, rate, window = self.data.fps, self.data.sample_rate, self.data.frames
+        total = max(1, int(np.ceil(len(wave) / rate * fps)))
+        stride = window - 1  # consecutive windows share one frame
+        n_windows = max(1, int(np.ceil((total - 1) / stride)))
+        ref = self.model.encode_reference(self.autoencoder.encode(reference.to(self.device)))
+        text, mask = encode_text(options.caption, self.model.text_encoder.cfg.max_len)
+        text, mask = text[None].to(self.device), mask[None].to(self.device)
+        scales = {"audio": options.guidance_audio, "reference": options.guidance_ref, "text": options.guidance_text}
+        gen = torch.Generator().manual_seed(options.seed)
+        out: list[np.ndarray] = []
+        previous: torch.Tensor | None = None  # last frame of the previous window, [1, 3, 1, S, S]
+        for w in tqdm(range(n_windows), desc="generate", unit="window", disable=not progress):
+            start = w * stride
+            seg = wave[int(start / fps * rate): int((start + window) / fps * rate)]
+            seg = torch.nn.functional.pad(seg, (0, int(window / fps * rate) - len(seg)))[None].to(self.device)
+            shape = self.autoencoder.latent_shape((1, 3, window, self.data.size, self.data.size))
+            cond = {"text": text, "text_mask": mask, "audio": self.model.encode_audio(seg, shape[2]),
+                    "reference": ref}
+            keep = self.autoencoder.encode(previous)[:, :, :1] if previous is not None else None
+            noise = torch.randn(shape, generator=gen).to(self.device)
+            x = noise
+            ts = sampling_timesteps(options.steps, device=self.device)
+            for i in range(options.steps):
+                if keep is not None:  # hold the shared first frame on the previous window's trajectory
+                    x[:, :, :1] = interpolate(keep, noise[:, :, :1], ts[i].view(1))
+                v = guided_velocity(self.model, x, ts[i].expand(1), cond, scales)
+                x = x + (ts[i + 1] - ts[i]) * v
+            if keep is not None:
+                x[:, :, :1] = keep
+            video = self.autoencoder.decode(x)  # [1, 3, window, S, S]
+            previous = video[:, :, -1:]
+            frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+            out.append(frames if w == 0 else frames[1:])
+        return np.concatenate(out)[:total]
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, wave: torch.Tensor, sample_rate: int) -> None:
+    """H.264 video + AAC audio (the audio trimmed to the video's length)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pcm = (wave.clamp(-1, 1).numpy() * 32767).astype(np.int16)[: int(len(frames) / fps * sample_rate)]
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": "18"})
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        audio = container.add_stream("aac", rate=sample_rate, layout="mono")
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")))
+        container.mux(video.encode())
+        chunk = 1024
+        for i in range(0, len(pcm), chunk):
+            block = av.AudioFrame.from_ndarray(pcm[None, i:i + chunk], format="s16", layout="mono")
+            block.sample_rate = sample_rate
+            container.mux(audio.encode(block))
+        container.mux(audio.encode())
+
+
+def generate_file(checkpoint: str, reference: str, audio: str, out: str, options: GenerateOptions) -> dict[str, Any]:
+    if options.steps < 1:
+        raise GenerateError("--steps must be >= 1")
+    gen = Generator(checkpoint)
+    ref, wave = gen.read_reference(reference), gen.read_audio(audio)
+    frames = gen.generate(ref, wave, options)
+    write_mp4(out, frames, gen.data.fps, wave, gen.data.sample_rate)
+    return {"out": out, "frames": len(frames), "seconds": len(frames) / gen.data.fps}

@@ -1,0 +1,51 @@
+"""`avatarforge generate` with the tiny curriculum's final model: any audio length, muxed audio, and
+one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from avatarforge.data.media import encode_mp4, encode_wav
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "ref.mp4").write_bytes(encode_mp4((rng.random((20, 72, 96, 3)) * 255).astype(np.uint8), 25))
+    t = np.arange(int(16000 * 1.3)) / 16000  # 1.3 s: several overlapping windows of 9 frames
+    (tmp_path / "speech.wav").write_bytes(encode_wav((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000))
+    (tmp_path / "empty.wav").write_bytes(encode_wav(np.zeros(0, np.float32), 16000))
+    (tmp_path / "text.mp4").write_text("not a video")
+    return tmp_path
+
+
+def test_generate_writes_video_with_audio(finished_run, inputs):
+    run_dir, _ = finished_run
+    out = inputs / "out.mp4"
+    proc = run_cli("generate", "--checkpoint", str(run_dir), "--reference", str(inputs / "ref.mp4"),
+                   "--audio", str(inputs / "speech.wav"), "--out", str(out), "--steps", "2")
+    assert "33 frames" in proc.stdout  # ceil(1.3 s * 25 fps)
+    with av.open(str(out)) as container:
+        kinds = sorted(s.type for s in container.streams)
+        video = container.streams.video[0]
+        assert (video.width, video.height) == (64, 64)
+        frames = sum(1 for _ in container.decode(video=0))
+    assert kinds == ["audio", "video"] and frames == 33
+
+
+@pytest.mark.parametrize(("reference", "audio", "checkpoint", "message"), [
+    ("text.mp4", "speech.wav", "", "not a readable video"),
+    ("ref.mp4", "empty.wav", "", "no samples"),
+    ("ref.mp4", "speech.wav", "stages/t2v", "'t2v_pretrain' stage"),
+])
+def test_bad_inputs_are_one_line_errors(finished_run, inputs, reference, audio, checkpoint, message):
+    run_dir, _ = finished_run
+    proc = run_cli("generate", "--checkpoint", str(run_dir / checkpoint), "--reference", str(inputs / reference),
+                   "--audio", str(inputs / audio), "--out", str(inputs / "x.mp4"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,46 @@
+"""Avatar stage helpers: mouth-region weighting, other-audio batches, LoRA merge at export."""
+
+import torch
+
+from avatarforge.model.lora import LoRAConfig, inject_lora
+from avatarforge.stages.avatar import A2VOptions, SFTTask, mouth_weight_map, rolled, to_uint8_frames
+
+
+def test_mouth_weight_peaks_at_the_mouth_prior():
+    w = mouth_weight_map((2, 8, 3, 8, 8), A2VOptions(mouth_weight=3.0))
+    assert w.shape == (1, 1, 1, 8, 8)
+    peak = torch.nonzero(w[0, 0, 0] == w.max())[0].tolist()
+    assert peak in ([5, 3], [5, 4])  # lower centre (row 0.68, column 0.5 of 8)
+    assert 2.5 < float(w.max()) <= 3.0 and float(w.min()) >= 1.0
+    assert torch.equal(mouth_weight_map((1, 8, 3, 8, 8), A2VOptions(mouth_weight=1.0)), torch.ones(1, 1, 1, 8, 8))
+
+
+def test_rolled_swaps_speech_but_not_identity():
+    batch = {"audio": torch.arange(3)[:, None].float(), "phonemes": ["a", "b", "c"], "identity": ["x", "y", "z"]}
+    out = rolled(batch)
+    assert out["audio"][:, 0].tolist() == [2.0, 0.0, 1.0]
+    assert out["phonemes"] == ["c", "a", "b"]
+    assert out["identity"] == ["x", "y", "z"]
+
+
+def test_to_uint8_frames_layout_and_range():
+    video = torch.linspace(-1, 1, 3 * 2 * 4 * 4).view(3, 2, 4, 4)
+    frames = to_uint8_frames(video)
+    assert frames.shape == (2, 4, 4, 3) and frames.dtype.name == "uint8"
+    assert frames.min() == 0 and frames.max() == 255
+
+
+def test_sft_export_merges_lora_into_plain_weights():
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(4, 4))
+    inject_lora(model, LoRAConfig(rank=2, alpha=2.0, targets=["proj"]))
+    with torch.no_grad():
+        model.proj.lora_b.normal_()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    state = SFTTask.export_state(None, model, model.state_dict())
+    assert not any(k.endswith(("lora_a", "lora_b")) for k in state)
+    plain = torch.nn.Sequential()
+    plain.add_module("proj", torch.nn.Linear(4, 4))
+    plain.load_state_dict(state)
+    assert torch.allclose(plain(x), expected, atol=1e-6)
