@@ -117,9 +117,10 @@ class DeepSpeedStrategy:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def backward_step(self, loss: torch.Tensor) -> None:
+    def backward_step(self, loss: torch.Tensor, *, measure_grad_norm: bool = True) -> None:
         self.engine.backward(loss)
-        if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if measure_grad_norm and self.cfg.deepspeed.zero_stage == 0 and boundary:
             # Without ZeRO, DeepSpeed's fp32 path does not record the norm: take it before step() clears grads.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0

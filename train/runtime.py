@@ -99,7 +99,8 @@ class WorkerLoop:
         metrics: dict[str, float] = {}
         first_step_time = 0.0
         while step < cfg.steps:
-            metrics = self._train_step(task, strategy, batches, meter)
+            logging_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+            metrics = self._train_step(task, strategy, batches, meter, measure_grad_norm=logging_step)
             step += 1
             if not first_step_time:
                 first_step_time = time.time() - self.spec.launched_at
@@ -129,14 +130,14 @@ class WorkerLoop:
             self._report(strategy, ema, step, metrics, final=True)
 
     def _train_step(self, task: TrainTask, strategy: DeepSpeedStrategy, batches: Iterator[Any],
-                    meter: ThroughputMeter) -> dict[str, float]:
+                    meter: ThroughputMeter, *, measure_grad_norm: bool) -> dict[str, float]:
         totals: dict[str, float] = {}
         for _ in range(self.cfg.grad_accum):
             wait_start = time.perf_counter()
             batch = to_device(next(batches), strategy.device)
             wait = time.perf_counter() - wait_start
             loss, extra = task.loss(strategy.module, batch)
-            strategy.backward_step(loss)
+            strategy.backward_step(loss, measure_grad_norm=measure_grad_norm)  # the norm costs a pass
             samples, tokens = task.batch_stats(batch)
             meter.add(samples, tokens, wait)
             for key, value in {"train/loss": float(loss.detach()), **extra}.items():
