@@ -70,6 +70,18 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module of tiny-model tests: one thread is fastest there, and immune to
+    a busy machine's OpenMP contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data(tmp_path_factory) -> Path:
     """One small synthetic dataset for all integration tests (generation is part of what is tested)."""

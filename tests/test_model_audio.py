@@ -14,12 +14,7 @@ SR = 16000
 ACFG = AudioEncoderConfig(dim=16, layers=1, heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tone(freq: float, seconds: float = 0.36, b: int = 1) -> torch.Tensor:

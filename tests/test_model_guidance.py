@@ -9,13 +9,7 @@ from avatarforge.model.flow import euler_sample, flow_matching_loss
 from avatarforge.model.guidance import guidance_terms, guided_model_fn, guided_velocity, sample_condition_drop
 from avatarforge.model.text_encoder import TextEncoderConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

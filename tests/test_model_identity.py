@@ -17,13 +17,7 @@ from avatarforge.model.identity import (
     swap_identity,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder(seed=0) -> IdentityEncoder:

@@ -16,13 +16,7 @@ from avatarforge.model.lora import (
 )
 from avatarforge.model.text_encoder import TextEncoderConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build():

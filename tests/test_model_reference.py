@@ -22,14 +22,7 @@ from avatarforge.model.reference_attention import (
 )
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = dict(dim=32, depth=2, heads=2, text_dim=16, audio_dim=16, identity_dim=32, n_summary=3, n_static=2,
