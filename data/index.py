@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from avatarforge.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
@@ -18,23 +19,9 @@ def split_dir(root: str | os.PathLike[str], split: str) -> Path:
 
 
 def write_index(directory: str | os.PathLike[str], index: dict[str, Any]) -> Path:
-    """Write index.json via temp file + os.replace, so readers never see a half-written index."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / INDEX_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".json.tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the index is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write index.json atomically, so readers never see a half-written index."""
+    text = json.dumps(index, indent=1, sort_keys=True) + "\n"
+    return atomic_write_text(Path(directory) / INDEX_NAME, text)
 
 
 def read_index(root: str | os.PathLike[str], split: str) -> dict[str, Any]:
