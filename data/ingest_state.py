@@ -31,8 +31,8 @@ SHARD_GLOB = "clips-*.tar"
 
 
 def write_shared_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write, readable by everyone like the shards (the temp file starts out 0600)."""
-    os.chmod(atomic_write_json(path, obj), 0o644)
+    """Atomic JSON write; atomic_write gives it the permissions open() would (umask), like the shards."""
+    atomic_write_json(path, obj)
 
 
 class IngestError(ValueError):
