@@ -79,3 +79,18 @@ class FrozenAutoencoder:
 
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.model.latent_shape(video_shape)
+
+
+def epoch_batches(n_items: int, batch_size: int, *, seed: int, rank: int, world_size: int,
+                  start_batch: int) -> Iterator[list[int]]:
+    """Endless index batches over an in-memory dataset: a fresh seeded permutation per epoch, global batch
+    g going to rank g % world_size; this rank's first `start_batch` batches are skipped arithmetically."""
+    per_epoch = n_items // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{n_items} items cannot fill one batch of {batch_size}")
+    g = start_batch * world_size + rank
+    while True:
+        epoch, b = divmod(g, per_epoch)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        yield order[b * batch_size:(b + 1) * batch_size].tolist()
+        g += world_size

@@ -15,6 +15,7 @@ class StageKind:
     task_factory: str
     options: type
     model_sections: tuple[str, ...]
+    runtime: str = "train"  # "train": a Ray Train + DeepSpeed run (TrainTask); "collect": Ray actors (CollectTask)
 
 
 KINDS: dict[str, StageKind] = {

@@ -24,6 +24,7 @@ from avatarforge.stages.config import (
     topological_order,
 )
 from avatarforge.stages.registry import KINDS
+from avatarforge.train.collect import CollectSpec, run_collect
 from avatarforge.train.launcher import fit, has_checkpoint
 from avatarforge.train.task import RunSpec
 from avatarforge.train.tracking import tracking_settings, wandb_run_id
@@ -63,6 +64,12 @@ class CurriculumRunner:
         shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
         shutil.rmtree(self.storage / stage, ignore_errors=True)
 
+    def has_progress(self, stage: str) -> bool:
+        """A training stage's Ray Train checkpoint, or a collect stage's started (per-item resumable) work."""
+        if KINDS[self.cfg.stages[stage].kind].runtime == "collect":
+            return mf.read_started(self.stage_dir(stage)) is not None
+        return has_checkpoint(str(self.storage), stage)
+
     def plan(self) -> list[StagePlan]:
         """What `run()` would do, without touching anything (also the config-change check)."""
         hashes: dict[str, str] = {}
@@ -74,7 +81,7 @@ class CurriculumRunner:
                 plans.append(StagePlan(stage, "init_from_parents" if parents else "start", digest))
                 continue
             done = mf.read_done(self.stage_dir(stage))
-            resumable = not done and has_checkpoint(str(self.storage), stage)
+            resumable = not done and self.has_progress(stage)
             started = mf.read_started(self.stage_dir(stage)) if resumable else None
             recorded = done.config_hash if done else (started or {}).get("config_hash")
             if recorded is not None and recorded != digest:
@@ -122,7 +129,6 @@ class CurriculumRunner:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved["output_dir"] = str(Path(cfg.output_dir).resolve())
         resolved["data"]["root"] = str(Path(cfg.data.root).resolve())
-        parent_weights = {p: parents[p].weights for p in stage_cfg.needs}
         settings = tracking_settings(
             project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, tags=list(cfg.wandb.tags),
             run_name=cfg.name, stage=stage, kind=stage_cfg.kind, directory=str(self.run_dir),
@@ -130,32 +136,60 @@ class CurriculumRunner:
                     "parents": {p: parents[p].config_hash for p in stage_cfg.needs}},
             parents=list(stage_cfg.needs),
         )
-        spec = RunSpec(
-            stage=stage,
-            kind=stage_cfg.kind,
-            task_factory=kind.task_factory,
-            task_args={"config": resolved, "stage": stage, "parent_weights": parent_weights},
-            train=resolved["stages"][stage]["train"],
-            seed=cfg.seed,
-            export_path=str(stage_dir / WEIGHTS),
-            tracking=settings,
-        )
-        result = fit(spec, storage_path=str(self.storage))
-        if not (stage_dir / WEIGHTS).exists():
-            raise RuntimeError(f"stage {stage!r} finished without exporting {stage_dir / WEIGHTS}")
+        task_args = {
+            "config": resolved, "stage": stage, "stage_dir": str(stage_dir),
+            "parent_weights": {p: parents[p].weights for p in stage_cfg.needs},
+            "parent_outputs": {p: parents[p].extra.get("outputs", {}) for p in stage_cfg.needs},
+        }
+        if kind.runtime == "collect":
+            checkpoint, weights, metrics, outputs = self._collect(stage, kind.task_factory, task_args, settings)
+        else:
+            checkpoint, weights, metrics, outputs = self._train(stage, kind.task_factory, task_args, settings)
         manifest = mf.Manifest(
             stage=stage,
             kind=stage_cfg.kind,
             config_hash=plan.config_hash,
             parents={p: parents[p].config_hash for p in stage_cfg.needs},
-            final_checkpoint=result.checkpoint,
-            weights=str(stage_dir / WEIGHTS),
-            metrics={k: v for k, v in result.metrics.items() if isinstance(v, int | float | str | bool)},
+            final_checkpoint=checkpoint,
+            weights=weights,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)},
             wandb_run_id=wandb_run_id(cfg.name, stage),
             started_at=started_at,
             finished_at=time.time(),
             git_commit=mf.git_commit(),
+            extra={"outputs": outputs} if outputs else {},
         )
         mf.write_done(stage_dir, manifest)
         print(f"[curriculum] {stage}: done -> {stage_dir / mf.DONE}", flush=True)
         return manifest
+
+    def _train(self, stage: str, factory: str, task_args: dict, settings: dict) -> tuple:
+        """One Ray Train run; its product is the exported weights."""
+        resolved = task_args["config"]
+        spec = RunSpec(
+            stage=stage,
+            kind=resolved["stages"][stage]["kind"],
+            task_factory=factory,
+            task_args=task_args,
+            train=resolved["stages"][stage]["train"],
+            seed=resolved["seed"],
+            export_path=str(self.stage_dir(stage) / WEIGHTS),
+            tracking=settings,
+        )
+        result = fit(spec, storage_path=str(self.storage))
+        if not Path(spec.export_path).exists():
+            raise RuntimeError(f"stage {stage!r} finished without exporting {spec.export_path}")
+        return result.checkpoint, spec.export_path, result.metrics, {}
+
+    def _collect(self, stage: str, factory: str, task_args: dict, settings: dict) -> tuple:
+        """A pool of Ray actors (train.scaling sizes it); its products are the files it lists in `outputs`."""
+        resolved = task_args["config"]
+        scaling = resolved["stages"][stage]["train"]["scaling"]
+        spec = CollectSpec(
+            stage=stage, kind=resolved["stages"][stage]["kind"], task_factory=factory, task_args=task_args,
+            num_actors=scaling["num_workers"], cpus_per_actor=scaling["cpus_per_worker"],
+            gpus_per_actor=scaling["gpus_per_worker"], max_failures=scaling["max_failures"], tracking=settings,
+        )
+        result = run_collect(spec)
+        outputs = {k: str(v) for k, v in result.metrics.pop("outputs", {}).items()}
+        return None, "", {**result.metrics, "items": result.items}, outputs
