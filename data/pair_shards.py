@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def read_groups(paths: list[str | Path], *, with_videos: bool = False) -> list[P
                 arrays = {name: np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False) for name in ARRAYS}
                 videos = {k[:-4]: v for k, v in sample.items() if k.endswith(".mp4")} if with_videos else {}
                 out.append(PromptGroupRecord(meta.pop("prompt_id"), meta, arrays, videos))
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, tarfile.TarError) as exc:
             raise ValueError(f"preference shard {path} is unreadable: {exc}") from None
     return out
 
