@@ -133,9 +133,12 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(f"stages.{name}.kind: unknown stage kind {stage.kind!r}; known: {sorted(KINDS)}")
         else:
             try:
-                _typed(KINDS[stage.kind].options, stage.options, prefix=f"stages.{name}.options")
+                options = OmegaConf.to_object(
+                    _typed(KINDS[stage.kind].options, stage.options, prefix=f"stages.{name}.options"))
             except ConfigError as exc:
                 errors.append(str(exc))
+            else:  # cross-field checks of an Options dataclass: validate() -> ["field: message", ...]
+                errors += [f"stages.{name}.options.{e}" for e in getattr(options, "validate", list)()]
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
     if not errors:
