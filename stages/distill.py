@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +35,8 @@ from avatarforge.data.synth.oracle import score_batch, summarize
 from avatarforge.model.avatar import AvatarModel
 from avatarforge.model.flow import euler_sample, interpolate, sample_timesteps, sampling_timesteps
 from avatarforge.model.guidance import guidance_terms, guided_model_fn, guided_velocity
-from avatarforge.stages.avatar import SFTTask, to_uint8_frames
-from avatarforge.stages.common import parent_of_kind
+from avatarforge.stages.avatar import SFTOptions, SFTTask, to_uint8_frames
+from avatarforge.stages.common import parent_of_kind, typed
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], t [B]) -> velocity
 # oracle scores compared between teacher and student; True: higher is better
@@ -45,8 +45,6 @@ SCORES = {"lipsync_corr": True, "identity_error": False, "behaviour_error": Fals
 
 @dataclass
 class DistillOptions:
-    identities: list[str] = field(default_factory=list)  # train identities (as sft); empty: first N
-    num_identities: int = 2
     # the teacher: the sft model sampled with `teacher_steps` Euler steps and these guidance scales
     teacher_steps: int = 12
     guidance_text: float = 1.0
@@ -178,7 +176,7 @@ def ratio(student: float, teacher: float, higher_is_better: bool) -> float:
 
 class DistillTask(SFTTask):
     """Student = a plain AvatarModel (full fine-tuning) from the sft weights; teacher = the same weights, frozen.
-    Data (the chosen identities' clips) and held-out prompts as in personality_sft."""
+    Data (the sft stage's identities' clips) and held-out prompts as in personality_sft."""
 
     options_type = DistillOptions
 
@@ -205,6 +203,17 @@ class DistillTask(SFTTask):
         return self.teacher.to(device)
 
     # -- data ---------------------------------------------------------------------------------------
+
+    def identities(self) -> list[str]:
+        """The identities the parent sft stage fine-tuned (its options decide)."""
+        config, stage = self.args["config"], self.args["stage"]
+        (sft,) = [p for p in config["stages"][stage]["needs"] if config["stages"][p]["kind"] == "personality_sft"]
+        options = typed(SFTOptions, config["stages"][sft]["options"])
+        if options.identities:
+            return list(options.identities)
+        from avatarforge.data.index import read_index
+
+        return list(read_index(self.data.root, self.data.train_split)["identities"][: options.num_identities])
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
         """The sft stream of the chosen identities, each batch tagged with its phase (from its position in

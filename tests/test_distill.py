@@ -302,3 +302,18 @@ def test_export_is_a_plain_avatar_model(setup):
     fresh = small_model(1)
     fresh.load_state_dict(state)  # strict: exactly AvatarModel's keys
     assert distill.DistillOptions().sampling()["steps"] == 4
+
+
+def test_identities_are_the_sft_stages(monkeypatch):
+    from avatarforge.data import index
+    from avatarforge.data.config import DataConfig
+
+    config = {"stages": {"sft": {"kind": "personality_sft", "options": {"num_identities": 3}},
+                         "ae": {"kind": "autoencoder", "options": {}},
+                         "distill": {"kind": "distill", "needs": ["sft", "ae"], "options": {}}}}
+    task = DistillTask.__new__(DistillTask)
+    task.args, task.data = {"config": config, "stage": "distill"}, DataConfig()
+    monkeypatch.setattr(index, "read_index", lambda root, split: {"identities": ["a", "b", "c", "d"]})
+    assert task.identities() == ["a", "b", "c"]
+    config["stages"]["sft"]["options"]["identities"] = ["d", "a"]
+    assert task.identities() == ["d", "a"]
