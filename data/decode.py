@@ -1,4 +1,9 @@
-"""Raw sample bytes -> training tensors: decord video crop, aligned wav window, tokenized caption.
+"""Raw sample bytes -> training arrays: decord video crop, aligned wav window, tokenized caption.
+
+A decoded sample keeps its frames as decord's uint8 [T, H, W, 3]; `collate` converts a whole batch to
+float (crop, resize, scale) in one pass, which costs less than converting clip by clip. Identity
+references are decoded once per identity and process (all frames, when they fit a memory budget) and
+cached, since every clip of the identity reads a window of the same record.
 
 Only our own decoders touch shard bytes (json, wav, mp4); nothing from a shard is ever unpickled.
 """
@@ -7,17 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .media import decode_wav, open_video, read_frames, resample_audio, target_frame_count
+from .media import decode_wav, open_video, resample_audio
 from .seeding import derive_seed
-from .stream import REFERENCES
+from .stream import REFERENCES, reference_for
 from .tokenizer import encode_text
 
 REQUIRED = ("json", "mp4", "wav")
@@ -56,54 +63,135 @@ def _metadata(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def video_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, size, size] in [-1, 1]; non-square frames are centre-cropped."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    h, w = x.shape[-2:]
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[..., top : top + side, left : left + side]
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
+def _draw(seed: int, n: int) -> int:
+    """A uniform draw from range(n) for a derive_seed() value (63 hashed bits, so the modulo bias is
+    nil); a numpy Generator per clip would cost more than the rest of the clip's bookkeeping."""
+    return seed % n
+
+
+def _target_frames(n_src: int, src_fps: float, fps: float) -> int:
+    """media.target_frame_count from a reader's length and fps already read."""
+    return max(1, int(np.floor(n_src / src_fps * fps + 1e-6)))
+
+
+def _frame_indices(start: int, count: int, stride: int, fps: float, src_fps: float, n_src: int) -> list[int]:
+    """Source frame indices of `count` target-fps frames, `stride` apart from target frame `start`;
+    frames past the end repeat the last one (see media.read_frames)."""
+    # plain floats: numpy's per-call overhead exceeds the arithmetic for a handful of frames; round()
+    # rounds half to even like np.round
+    return [min(max(round((start + i * stride) / fps * src_fps), 0), n_src - 1) for i in range(count)]
+
+
+def video_batch(clips: list[np.ndarray], size: int) -> torch.Tensor:
+    """uint8 clips [T, H, W, 3] -> float32 [B, 3, T, size, size] in [-1, 1]; non-square frames are
+    centre-cropped, other sizes resized (bilinear, antialiased)."""
+    if len({c.shape for c in clips}) > 1:  # mixed geometry (rare): convert clip by clip
+        return torch.cat([video_batch([c], size) for c in clips])
+    t, h, w, _ = clips[0].shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    # stack, centre-crop and move channels first in one uint8 copy (4x fewer bytes than float)
+    x = np.empty((len(clips), 3, t, side, side), dtype=np.uint8)
+    for i, clip in enumerate(clips):
+        x[i] = clip[:, top : top + side, left : left + side, :].transpose(3, 0, 1, 2)
+    if side == size:
+        return torch.from_numpy(x).float().div_(127.5).sub_(1.0)
+    y = torch.from_numpy(x).transpose(1, 2).reshape(len(clips) * t, 3, side, side).float()
+    y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = y.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+    return y.reshape(len(clips), t, 3, size, size).transpose(1, 2).contiguous()
+
+
+@lru_cache(maxsize=4096)
+def _tokens(caption: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captions repeat across an identity's clips: tokenise each once (read-only arrays, copied by
+    collate's stack)."""
+    ids, mask = encode_text(caption, max_len)
+    ids_np, mask_np = ids.numpy(), mask.numpy()
+    ids_np.flags.writeable = mask_np.flags.writeable = False
+    return ids_np, mask_np
+
+
+def _pcm16_layout(data: bytes) -> tuple[int, int, int, int]:
+    """(channels, rate, offset, byte length) of the samples of 16-bit PCM wav bytes. A few slices instead
+    of the `wave` module's chunk objects; like `wave` (3.11), only plain PCM is accepted."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a RIFF/WAVE file")
+    pos, fmt = 12, None
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt ":
+            if size < 16 or body + 16 > len(data):
+                raise ValueError("truncated fmt chunk")
+            tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", data, body)
+            if tag != 1 or bits != 16 or channels < 1:
+                raise ValueError(f"only 16-bit PCM wav is supported, got format {tag}, {bits}-bit, {channels} ch")
+            fmt = (channels, rate)
+        elif chunk == b"data":
+            if fmt is None:
+                raise ValueError("data chunk before fmt chunk")
+            return fmt[0], fmt[1], body, min(size, len(data) - body)
+        pos = body + size + (size & 1)
+    raise ValueError("no data chunk")
+
+
+def _wav_window(data: bytes, start: int, length: int, sample_rate: int) -> np.ndarray:
+    """float32 [length] from sample `start` (at `sample_rate`) of 16-bit PCM wav bytes, zero-padded past
+    the end. At the stored rate only the window's frames are converted; other rates go through
+    media.decode_wav + resample_audio on the whole signal."""
+    window = np.zeros(length, dtype=np.float32)
+    channels, rate, offset, nbytes = _pcm16_layout(data)
+    if rate != sample_rate:
+        audio, rate = decode_wav(data)
+        chunk = resample_audio(audio, rate, sample_rate)[start : start + length]
+        window[: len(chunk)] = chunk
+        return window
+    frame = 2 * channels
+    total = nbytes // frame
+    if start >= total:
+        return window
+    pcm = np.frombuffer(data, dtype="<i2", count=min(length, total - start) * channels,
+                        offset=offset + start * frame).reshape(-1, channels)
+    # the same arithmetic as media.decode_wav, so a window equals the slice of its output
+    if channels == 1:
+        window[: len(pcm)] = pcm[:, 0].astype(np.float32) / 32768.0
+    else:
+        window[: len(pcm)] = (pcm.astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32)
+    return window
 
 
 def decode_clip(raw: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None) -> dict[str, Any]:
-    """One sample's tensors. crop_seed=None takes the first `frames` frames (evaluation)."""
+    """One sample's arrays (frames still uint8, see `collate`). crop_seed=None takes the first `frames`
+    frames (evaluation)."""
     missing = [k for k in REQUIRED if not raw.get(k)]
     if missing:
         raise BadSample(f"missing or empty member(s): {', '.join(missing)}")
-    meta = _metadata(raw["json"])  # cheap checks first, video last
-    try:
-        audio, rate = decode_wav(raw["wav"])
-    except Exception as exn:  # wave raises several unrelated types on garbage
-        raise BadSample(f"wav: {type(exn).__name__}: {exn}") from exn
-    audio = resample_audio(audio, rate, spec.sample_rate)
+    meta = _metadata(raw["json"])
     try:
         reader = open_video(raw["mp4"])
-        n_frames = target_frame_count(reader, spec.fps)
-        start = 0
-        if crop_seed is not None:
-            start = int(np.random.default_rng(crop_seed).integers(0, max(0, n_frames - spec.frames) + 1))
-        frames = read_frames(reader, start, spec.frames, spec.fps)
+        n_src, src_fps = len(reader), float(reader.get_avg_fps()) or spec.fps
+        n_frames = _target_frames(n_src, src_fps, spec.fps)
+        start = 0 if crop_seed is None else _draw(crop_seed, max(0, n_frames - spec.frames) + 1)
+        frames = reader.get_batch(_frame_indices(start, spec.frames, 1, spec.fps, src_fps, n_src)).asnumpy()
     except Exception as exn:  # decord raises RuntimeError/DECORDError for anything it cannot parse
         raise BadSample(f"mp4: {type(exn).__name__}: {str(exn)[:160]}") from exn
-    a0 = int(round(start / spec.fps * spec.sample_rate))
-    window = np.zeros(spec.audio_len, dtype=np.float32)  # zero-padded when the wav is short
-    chunk = audio[a0 : a0 + spec.audio_len]
-    window[: len(chunk)] = chunk
-    ids, mask = encode_text(meta["caption"], spec.text_max_len)
+    try:
+        audio = _wav_window(raw["wav"], int(round(start / spec.fps * spec.sample_rate)), spec.audio_len,
+                            spec.sample_rate)
+    except Exception as exn:  # wave raises several unrelated types on garbage
+        raise BadSample(f"wav: {type(exn).__name__}: {exn}") from exn
+    ids, mask = _tokens(meta["caption"], spec.text_max_len)
     out = {
-        "video": video_tensor(frames, spec.size),
-        "audio": torch.from_numpy(window),
+        "frames": frames,
+        "audio": audio,
         "text": ids,
         "text_mask": mask,
         "key": str(raw.get("__key__")),
         "identity": str(meta.get("identity", "")),
     }
     if spec.reference_frames > 0:
-        out["reference"], out["reference_audio"] = decode_reference(raw, meta, spec, crop_seed=crop_seed)
+        out["reference_frames"], out["reference_audio"] = decode_reference(raw, meta, spec, crop_seed=crop_seed)
     # ground truth for the oracle (synthetic clips): the identity's parameters and the phoneme
     # timeline of this crop (times relative to its first frame); None for clips without them
     out["identity_params"] = meta.get("identity_params") if isinstance(meta.get("identity_params"), dict) else None
@@ -116,7 +204,7 @@ def _crop_phonemes(phonemes: Any, t0: float, duration: float) -> list[list[Any]]
         return None
     out = []
     for row in phonemes:
-        if not isinstance(row, list) or len(row) < 3:
+        if type(row) is not list or len(row) < 3:
             return None
         a, b = float(row[0]) - t0, float(row[1]) - t0
         if b > 0.0 and a < duration:
@@ -124,10 +212,27 @@ def _crop_phonemes(phonemes: Any, t0: float, duration: float) -> list[list[Any]]
     return out
 
 
-# Decoded references of the last few identities in this process (a worker streams one shard at a time,
-# grouped by identity, so consecutive clips share a reference): mp4 parsed and wav decoded once.
-_REFERENCE_CACHE: OrderedDict[tuple[str, str, int, int], tuple[Any, int, np.ndarray]] = OrderedDict()
-_REFERENCE_CACHE_SIZE = 4
+@dataclass
+class _Reference:
+    """One identity reference, opened once per process: audio at the loader's rate, and either all frames
+    decoded (uint8 [n_src, H, W, 3]) or, past the memory budget, an open reader to seek per clip."""
+
+    n_frames: int  # at the loader's fps
+    src_fps: float
+    n_src: int
+    audio: np.ndarray
+    frames: np.ndarray | None
+    reader: Any
+    nbytes: int
+
+
+# The decoded references of the identities this process met last. A worker streams one shard at a time
+# and a shard groups its identities' clips, so the clips of a reference arrive close together (shuffled
+# within the shard): decoding its frames once replaces a keyframe seek per clip. Sized by bytes; the
+# entry limit only needs to exceed the identities of one shard.
+_REFERENCE_CACHE: OrderedDict[tuple[str, str, int, int], _Reference] = OrderedDict()
+_REFERENCE_CACHE_SIZE = 64
+_REFERENCE_CACHE_BYTES = 256 << 20  # decoded frames held per process; bigger references are read per clip
 _CACHE_PID = os.getpid()
 # A forked DataLoader worker must never use (or free) decord readers its parent opened: decord's
 # decoder threads do not survive fork and the call hangs. Such inherited caches are parked here.
@@ -142,7 +247,7 @@ def _reference_cache() -> OrderedDict:
     return _REFERENCE_CACHE
 
 
-def _open_reference(record: dict[str, Any], spec: ClipSpec) -> tuple[Any, int, np.ndarray]:
+def _open_reference(record: dict[str, Any], spec: ClipSpec) -> _Reference:
     mp4, wav = record.get("ref.mp4"), record.get("ref.wav")
     if not mp4 or not wav:
         raise BadSample(f"reference {record.get('__key__')}: missing ref.mp4 or ref.wav")
@@ -158,60 +263,73 @@ def _open_reference(record: dict[str, Any], spec: ClipSpec) -> tuple[Any, int, n
         raise BadSample(f"reference wav: {type(exn).__name__}: {exn}") from exn
     try:
         reader = open_video(mp4)
-        n_frames = target_frame_count(reader, spec.fps)
+        n_src, src_fps = len(reader), float(reader.get_avg_fps()) or spec.fps
+        first = reader.get_batch([0]).asnumpy()
+        nbytes = n_src * first.nbytes
+        frames = None
+        if nbytes <= _REFERENCE_CACHE_BYTES:
+            frames, reader = reader.get_batch(list(range(n_src))).asnumpy(), None
     except Exception as exn:
         raise BadSample(f"reference mp4: {type(exn).__name__}: {str(exn)[:160]}") from exn
-    entry = (reader, n_frames, resample_audio(audio, rate, spec.sample_rate))
+    entry = _Reference(
+        n_frames=_target_frames(n_src, src_fps, spec.fps), src_fps=src_fps, n_src=n_src,
+        audio=resample_audio(audio, rate, spec.sample_rate), frames=frames, reader=reader,
+        nbytes=nbytes if frames is not None else 0,
+    )
     cache[key] = entry
-    while len(cache) > _REFERENCE_CACHE_SIZE:
+    while len(cache) > _REFERENCE_CACHE_SIZE or (
+        len(cache) > 1 and sum(e.nbytes for e in cache.values()) > _REFERENCE_CACHE_BYTES
+    ):
         cache.popitem(last=False)
     return entry
 
 
 def decode_reference(
     raw: dict[str, Any], meta: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clip's identity reference: ([3, reference_frames, size, size] in [-1, 1], audio of the span).
+) -> tuple[np.ndarray, np.ndarray]:
+    """The clip's identity reference: (uint8 frames [reference_frames, H, W, 3], audio of the span).
 
     Frames are `reference_stride` apart from a start drawn from crop_seed (0 for eval); the audio covers
     reference_frames * reference_stride frames from the same start, zero-padded past the record's end.
     """
     identity = meta.get("identity")
-    record = raw.get(REFERENCES, {}).get(identity) if isinstance(identity, str) else None
+    record = reference_for(raw.get(REFERENCES, []), identity) if isinstance(identity, str) else None
     if record is None:
         raise BadSample(f"no reference record for identity {identity!r} in this shard")
-    reader, n_frames, audio = _open_reference(record, spec)
+    ref = _open_reference(record, spec)
     span = (spec.reference_frames - 1) * spec.reference_stride + 1
     start = 0
-    if crop_seed is not None and n_frames > span:
-        start = int(np.random.default_rng(derive_seed("reference", crop_seed)).integers(0, n_frames - span + 1))
-    try:
-        src_fps = float(reader.get_avg_fps()) or spec.fps
-        times = (start + np.arange(spec.reference_frames) * spec.reference_stride) / spec.fps
-        idx = np.clip(np.round(times * src_fps).astype(np.int64), 0, len(reader) - 1)
-        frames = reader.get_batch(idx.tolist()).asnumpy()
-    except Exception as exn:
-        raise BadSample(f"reference mp4: {type(exn).__name__}: {str(exn)[:160]}") from exn
+    if crop_seed is not None and ref.n_frames > span:
+        start = _draw(derive_seed("reference", crop_seed), ref.n_frames - span + 1)
+    idx = _frame_indices(start, spec.reference_frames, spec.reference_stride, spec.fps, ref.src_fps, ref.n_src)
+    if ref.frames is not None:
+        frames = ref.frames[idx]
+    else:
+        try:
+            frames = ref.reader.get_batch(idx).asnumpy()
+        except Exception as exn:
+            raise BadSample(f"reference mp4: {type(exn).__name__}: {str(exn)[:160]}") from exn
     a0 = int(round(start / spec.fps * spec.sample_rate))
     window = np.zeros(spec.reference_audio_len, dtype=np.float32)
-    chunk = audio[a0 : a0 + spec.reference_audio_len]
+    chunk = ref.audio[a0 : a0 + spec.reference_audio_len]
     window[: len(chunk)] = chunk
-    return video_tensor(frames, spec.size), torch.from_numpy(window)
+    return frames, window
 
 
-def collate(samples: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], skipped: int, size: int) -> dict[str, Any]:
+    """Decoded samples -> a batch (video and reference converted to float here, once per batch)."""
     batch = {
-        "video": torch.stack([s["video"] for s in samples]),
-        "audio": torch.stack([s["audio"] for s in samples]),
-        "text": torch.stack([s["text"] for s in samples]),
-        "text_mask": torch.stack([s["text_mask"] for s in samples]),
+        "video": video_batch([s["frames"] for s in samples], size),
+        "audio": torch.from_numpy(np.stack([s["audio"] for s in samples])),
+        "text": torch.from_numpy(np.stack([s["text"] for s in samples])),
+        "text_mask": torch.from_numpy(np.stack([s["text_mask"] for s in samples])),
         "key": [s["key"] for s in samples],
         "identity": [s["identity"] for s in samples],
         "identity_params": [s.get("identity_params") for s in samples],
         "phonemes": [s.get("phonemes") for s in samples],
         "skipped": skipped,
     }
-    if all("reference" in s for s in samples):
-        batch["reference"] = torch.stack([s["reference"] for s in samples])
-        batch["reference_audio"] = torch.stack([s["reference_audio"] for s in samples])
+    if all("reference_frames" in s for s in samples):
+        batch["reference"] = video_batch([s["reference_frames"] for s in samples], size)
+        batch["reference_audio"] = torch.from_numpy(np.stack([s["reference_audio"] for s in samples]))
     return batch

@@ -12,8 +12,9 @@ Bad samples are skipped and counted: a batch keeps its fixed shape by repeating 
 many of its B positions were bad. Past max_bad_fraction of samples seen by a worker, the worker raises
 a RuntimeError naming the shards (DataLoader re-raises it in the training process).
 
-Resume is exact for the same (dataset, seed, batch_size, world_size, num_workers); changing any of them
-changes the stream.
+Resume is exact for the same (dataset, seed, batch_size, world_size, num_workers, identities); changing
+any of them changes the stream. `identities` selects chosen identities' samples at the stream level
+(selection.py): the selected samples form the stream, so seeking past consumed batches stays arithmetic.
 
 A batch: video [B, 3, T, H, W] float in [-1, 1], audio [B, S], text / text_mask [B, L], key, identity,
 skipped, and per-sample ground truth for the oracle (identity_params: the json's dict, phonemes: the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -41,6 +42,7 @@ from .decode import BadSample, ClipSpec, collate, decode_clip
 from .health import SampleHealth
 from .index import read_index, shard_paths
 from .seeding import derive_seed
+from .selection import select_identities, whole_split
 from .shards import ShardVisit, slot_visits
 from .stream import MISSING, visit_samples
 
@@ -55,6 +57,7 @@ class _StreamSpec:
 
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    keys: tuple[frozenset[str] | None, ...]  # per shard: the selected sample keys, None for all
     clip: ClipSpec
     batch_size: int
     rank: int
@@ -92,7 +95,7 @@ def _decode_stage(
         yield sample
 
 
-def _batch_stage(items: Iterator[dict[str, Any] | None], *, batch_size: int) -> Iterator[Batch]:
+def _batch_stage(items: Iterator[dict[str, Any] | None], *, batch_size: int, size: int) -> Iterator[Batch]:
     """Each batch consumes exactly batch_size stream positions (see module docstring)."""
     ahead: deque[dict[str, Any] | None] = deque()  # decoded but not yet consumed (lookahead)
 
@@ -108,7 +111,7 @@ def _batch_stage(items: Iterator[dict[str, Any] | None], *, batch_size: int) -> 
             ahead.append(nxt)
             if nxt is not None:
                 good = [nxt]
-        yield collate([good[i % len(good)] for i in range(batch_size)], skipped)
+        yield collate([good[i % len(good)] for i in range(batch_size)], skipped, size)
 
 
 class _SlotDataset(IterableDataset):
@@ -134,11 +137,18 @@ class _SlotDataset(IterableDataset):
                 n_slots=spec.world_size * workers,
                 skip=own_batches_done * spec.batch_size,
             ),
-            partial(visit_samples, urls=spec.urls, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer),
+            partial(visit_samples, urls=spec.urls, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer,
+                    keys=spec.keys),
             partial(_decode_stage, clip=spec.clip, seed=spec.seed, health=health),
-            partial(_batch_stage, batch_size=spec.batch_size),
+            partial(_batch_stage, batch_size=spec.batch_size, size=spec.clip.size),
         )
         return iter(pipeline)
+
+
+def _as_is(batch: Batch) -> Batch:
+    """Workers emit finished batches: DataLoader's default per-item conversion would only walk (slowly)
+    through the ground-truth lists and dicts."""
+    return batch
 
 
 class TrainLoader:
@@ -167,6 +177,7 @@ class TrainLoader:
         loader = DataLoader(
             _SlotDataset(spec),
             batch_size=None,  # workers emit whole batches
+            collate_fn=_as_is,
             num_workers=spec.num_workers,
             pin_memory=torch.cuda.is_available(),
             # Own generator: DataLoader draws its worker base seed from the global RNG otherwise, which
@@ -204,9 +215,19 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
 
 
 def build_train_loader(
-    cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_batch: int = 0,
+    identities: Sequence[str] | None = None,
 ) -> TrainLoader:
-    """The train split's infinite stream for `rank`, continuing after `start_batch` consumed batches."""
+    """The train split's infinite stream for `rank`, continuing after `start_batch` consumed batches.
+
+    identities: only these identities' samples (None: all); an identity without samples is a ValueError.
+    """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0:
         raise ValueError(
             f"bad loader geometry: batch_size={batch_size} rank={rank}/{world_size} start={start_batch}"
@@ -214,14 +235,16 @@ def build_train_loader(
     index = read_index(cfg.root, cfg.train_split)
     paths = shard_paths(cfg.root, cfg.train_split, index)
     # empty shards would hold no stream positions; dropping them keeps seeking arithmetic simple
-    urls = tuple(url for url, n in zip(paths, index["counts"], strict=True) if n > 0)
-    counts = tuple(n for n in index["counts"] if n > 0)
-    if not counts:
+    chosen = (
+        whole_split(paths, index["counts"]) if identities is None else select_identities(index, paths, identities)
+    )
+    if not chosen.counts:
         raise ValueError(f"{cfg.root}/{cfg.train_split}: the index lists no samples")
     return TrainLoader(
         _StreamSpec(
-            urls=urls,
-            counts=counts,
+            urls=chosen.urls,
+            counts=chosen.counts,
+            keys=chosen.keys,
             clip=_clip_spec(cfg, index),
             batch_size=batch_size,
             rank=rank,
@@ -247,20 +270,21 @@ def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int, max_clip
     visits = (ShardVisit(epoch=0, shard=i, count=n, offset=0) for i, n in enumerate(index["counts"]))
     raw = visit_samples(visits, urls, seed=0, shuffle_buffer=0)
     health = SampleHealth(float(cfg.max_bad_fraction))
+    clip = _clip_spec(cfg, index)
     batches: list[Batch] = []
     pending: list[dict[str, Any]] = []
     skipped = taken = 0
-    for sample in _decode_stage(raw, clip=_clip_spec(cfg, index), seed=None, health=health):
+    for sample in _decode_stage(raw, clip=clip, seed=None, health=health):
         if sample is None:
             skipped += 1
             continue
         pending.append(sample)
         taken += 1
         if len(pending) == batch_size or taken == max_clips:
-            batches.append(collate(pending, skipped))
+            batches.append(collate(pending, skipped, clip.size))
             pending, skipped = [], 0
         if taken == max_clips:
             break
     if pending:
-        batches.append(collate(pending, skipped))
+        batches.append(collate(pending, skipped, clip.size))
     return batches
