@@ -63,10 +63,10 @@ def _read_exact(stream: BinaryIO, n: int, what: str) -> bytes:
 
 def iter_members(
     stream: BinaryIO, *, want: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data) of each regular member in archive order; data is None for members `want` rejects
-    (their bytes are skipped, by seeking where the stream can). Ends at the zero end-of-archive block or
-    at a clean end of file; raises TarError on anything else."""
+) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular member in archive order, leaving out members `want` rejects (their
+    bytes are skipped, by seeking where the stream can). Ends at the zero end-of-archive block or at a
+    clean end of file; raises TarError on anything else."""
     seekable = stream.seekable()
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -76,7 +76,10 @@ def iter_members(
             return
         if len(header) != BLOCK:
             raise TarError(f"truncated tar header ({len(header)} bytes)")
-        stored = _number(header[148:156])
+        try:
+            stored = _number(header[148:156])
+        except TarError:
+            stored = -1
         if stored != sum(header) - sum(header[148:156]) + 8 * 32 and stored != _signed_sum(header):
             raise TarError("tar header checksum mismatch (not a tar file, or corrupt)")
         kind = header[156:157]

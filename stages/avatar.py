@@ -224,21 +224,9 @@ class SFTTask(AvatarTask):
         return list(known[: self.options.num_identities])
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
-        """The rank's stream filtered to the chosen identities and re-batched. Resume replays the stream
-        from its start (exact, costs a decode of what was consumed): the loader has no identity filter
-        that could skip without decoding yet."""
-        keep, size = set(self.identities()), self.batch_size
-        pending: list[dict[str, Any]] = []
-        produced = 0
-        for batch in train_stream(self.data, batch_size=size, rank=rank, world_size=world_size,
-                                  seed=self.seed, start_batch=0):
-            pending += [{k: batch[k][i] for k in BATCH_KEYS}
-                        for i, name in enumerate(batch["identity"]) if name in keep]
-            while len(pending) >= size:
-                chunk, pending = pending[:size], pending[size:]
-                if produced >= start_batch:
-                    yield {k: torch.stack([row[k] for row in chunk]) for k in BATCH_KEYS}
-                produced += 1
+        """The rank's stream of the chosen identities' clips only: the loader selects them per shard, so a
+        resume skips consumed batches arithmetically, without decoding them."""
+        return super().train_batches(rank=rank, world_size=world_size, start_batch=start_batch)
 
     def eval_batches(self) -> list[dict[str, Any]]:
         """Held-out prompts for the chosen identities: each held-out clip's speech (audio, phonemes) with a

@@ -15,9 +15,10 @@ import torch
 
 import avatarforge.data.loader as loader_mod
 from avatarforge.data.config import DataConfig, SynthConfig
-from avatarforge.data.index import read_index
+from avatarforge.data.index import read_index, shard_paths
 from avatarforge.data.loader import build_eval_batches, build_train_loader
 from avatarforge.data.media import decode_wav, open_video, read_frames
+from avatarforge.data.selection import select_identities
 from avatarforge.data.shards import slot_shards, slot_visits
 from avatarforge.data.synth import generate_dataset
 from avatarforge.data.tokenizer import decode_ids
@@ -366,3 +367,92 @@ def test_a_clip_whose_reference_is_missing_is_a_bad_sample(root: Path, tmp_path:
     batches = [b for _, b in zip(range(4), loader, strict=False)]  # one epoch
     assert not {k for b in batches for k in b["key"]} & lost
     assert loader.stats["skipped"] == len(lost) == 2
+
+
+# -- identity filter --------------------------------------------------------------------------------------
+
+# 3 clips per shard, 2 per identity: id0000 x2 + id0001 | id0001 + id0002 x2 | id0003 x2 -- shards that mix
+# chosen and other identities, and an identity split across two shards
+MIXED = SynthConfig(**{**SYNTH.__dict__, "shard_size": 3})
+CHOSEN = ["id0001", "id0003"]
+CHOSEN_KEYS = {f"{i}-{c:04d}" for i in CHOSEN for c in range(2)}
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mixed") / "tiny"
+    generate_dataset(str(path), MIXED, size=SIZE, fps=FPS, sample_rate=SR)
+    index = read_index(path, "train")
+    assert index["shard_identities"] == [["id0000", "id0001"], ["id0001", "id0002"], ["id0003"]]
+    return path
+
+
+def test_identity_selection_counts_only_chosen_clips(mixed_root: Path) -> None:
+    index = read_index(mixed_root, "train")
+    urls = shard_paths(mixed_root, "train", index)
+    chosen = select_identities(index, urls, CHOSEN)
+    assert chosen.urls == tuple(urls) and chosen.counts == (1, 1, 2)
+    assert chosen.keys[:2] == (frozenset({"id0001-0000"}), frozenset({"id0001-0001"})) and chosen.keys[2] is None
+    assert select_identities(index, urls, ["id0000"]).urls == (urls[0],)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_identity_filter_keeps_only_chosen_and_resumes_exactly(mixed_root: Path, workers: int) -> None:
+    cfg = _cfg(mixed_root, num_workers=workers)
+    full = build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=3, identities=CHOSEN)
+    batches = [b for _, b in zip(range(8), full, strict=False)]  # 16 positions = 4 epochs of 4 clips
+    keys = [b["key"] for b in batches]
+    assert {k for ks in keys for k in ks} == CHOSEN_KEYS
+    assert all(set(b["identity"]) <= set(CHOSEN) and b["skipped"] == 0 for b in batches)
+    assert all(b["reference"].shape == (2, 3, REF_FRAMES, SIZE, SIZE) for b in batches)
+    for k in (1, 3, 6):
+        resumed = build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=3, start_batch=k,
+                                     identities=CHOSEN)
+        assert _take(resumed, 8 - k) == keys[k:]
+    again = next(iter(build_train_loader(cfg, batch_size=2, rank=0, world_size=1, seed=3, start_batch=5,
+                                         identities=CHOSEN)))
+    assert torch.equal(again["video"], batches[5]["video"]) and torch.equal(again["audio"], batches[5]["audio"])
+
+
+def test_identity_filter_resume_skips_without_decoding(mixed_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = loader_mod.decode_clip
+    monkeypatch.setattr(loader_mod, "decode_clip", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loader = build_train_loader(_cfg(mixed_root, num_workers=0), batch_size=2, rank=0, world_size=1, seed=0,
+                                start_batch=40, identities=CHOSEN)
+    batch = next(iter(loader))
+    assert len(calls) == 2 and set(batch["identity"]) <= set(CHOSEN)
+
+
+def test_identity_filter_splits_ranks(mixed_root: Path) -> None:
+    # 3 selected shards over 2 ranks: each epoch deals every selected shard to exactly one rank
+    seen = [set(), set()]
+    for rank in (0, 1):
+        loader = build_train_loader(_cfg(mixed_root, num_workers=0), batch_size=1, rank=rank, world_size=2,
+                                    seed=0, identities=CHOSEN)
+        seen[rank] = {k for ks in _take(loader, 2) for k in ks}
+    assert seen[0] | seen[1] <= CHOSEN_KEYS and len(seen[0] | seen[1]) >= 3
+
+
+def test_identity_filter_errors_name_the_missing_identity(mixed_root: Path) -> None:
+    cfg = _cfg(mixed_root, num_workers=0)
+    with pytest.raises(ValueError, match=r"id0099.*no samples in split 'train'"):
+        build_train_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0, identities=["id0001", "id0099"])
+    with pytest.raises(ValueError, match="empty"):
+        build_train_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0, identities=[])
+    # held-out identities are not in the train split
+    with pytest.raises(ValueError, match="id0004"):
+        build_train_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0, identities=["id0004"])
+
+
+def test_sft_stream_uses_the_identity_filter(mixed_root: Path) -> None:
+    """SFTTask.train_batches: only the chosen identities, and a resumed stream equals the uninterrupted one."""
+    from avatarforge.stages.avatar import BATCH_KEYS, SFTOptions, SFTTask
+
+    task = object.__new__(SFTTask)  # the data side only: no autoencoder weights needed
+    task.options = SFTOptions(identities=list(CHOSEN))
+    task.data, task.batch_size, task.seed = _cfg(mixed_root, num_workers=0), 2, 5
+    full = [b for _, b in zip(range(6), task.train_batches(rank=0, world_size=1, start_batch=0), strict=False)]
+    assert all(set(b) == set(BATCH_KEYS) and b["video"].shape[0] == 2 for b in full)
+    resumed = next(iter(task.train_batches(rank=0, world_size=1, start_batch=4)))
+    assert all(torch.equal(resumed[k], full[4][k]) for k in BATCH_KEYS)
