@@ -49,23 +49,32 @@ def identity_rows(data: DataConfig, identities: list[str]) -> dict[str, dict[str
 
 def speech_prompts(data: DataConfig, identities: list[str], *, split: str, count: int,
                    batch_size: int) -> list[dict[str, Any]]:
-    """`count` prompts in batches: the i-th speech clip of `split` (index order) spoken by identity
-    i mod len(identities). Each batch has the loader's keys plus `prompt_id` ("identity|speech key")."""
+    """`count` prompts in batches: prompt i is speech clip i mod n of `split` (index order) spoken by identity
+    (i + i // n) mod len(identities), so every (identity, speech) pair is used once before any repeats.
+    Each batch has the loader's keys plus `prompt_id` ("identity|speech key")."""
     rows = identity_rows(data, identities)
-    prompts: list[dict[str, Any]] = []
-    k = 0
+    speech: list[dict[str, Any]] = []
     for batch in build_eval_batches(data, split=split, batch_size=batch_size, max_clips=count):
-        chosen = [rows[identities[(k + i) % len(identities)]] for i in range(len(batch["key"]))]
-        k += len(chosen)
-        prompt = {key: batch[key] for key in SPEECH_KEYS}
+        speech += [{key: batch[key][i] for key in SPEECH_KEYS} for i in range(len(batch["key"]))]
+    if not speech:
+        raise ValueError(f"split {split!r} has no good clips for prompts")
+    if count > len(speech) * len(identities):
+        raise ValueError(f"split {split!r} has {len(speech)} good clips: at most {len(speech) * len(identities)} "
+                         f"distinct prompts for {len(identities)} identities, {count} asked for")
+    prompts: list[dict[str, Any]] = []
+    for start in range(0, count, batch_size):
+        index = range(start, min(start + batch_size, count))
+        clips = [speech[i % len(speech)] for i in index]
+        chosen = [rows[identities[(i + i // len(speech)) % len(identities)]] for i in index]
+        prompt: dict[str, Any] = {key: [c[key] for c in clips] for key in ("phonemes", "key")}
+        for key in ("audio", "video"):
+            prompt[key] = torch.stack([c[key] for c in clips])
         for key in ("reference", "text", "text_mask"):
             prompt[key] = torch.stack([r[key] for r in chosen])
         for key in ("identity_params", "identity"):
             prompt[key] = [r[key] for r in chosen]
-        prompt["prompt_id"] = [f"{r['identity']}|{s}" for r, s in zip(chosen, batch["key"], strict=True)]
+        prompt["prompt_id"] = [f"{r['identity']}|{c['key']}" for r, c in zip(chosen, clips, strict=True)]
         prompts.append(prompt)
-    if k < count:
-        raise ValueError(f"split {split!r} has {k} good clips, fewer than the {count} prompts asked for")
     return prompts
 
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from avatarforge.stages.autoencoder import AutoencoderOptions
 from avatarforge.stages.avatar import A2VOptions, SFTOptions
+from avatarforge.stages.distill import DistillOptions
+from avatarforge.stages.preferences import PreferenceOptions
+from avatarforge.stages.reward import RewardOptions
+from avatarforge.stages.rlhf import RLHFOptions
 from avatarforge.stages.t2v import T2VOptions
 
 
@@ -28,5 +32,11 @@ KINDS: dict[str, StageKind] = {
                   ("autoencoder", "text", "dit", "audio")),
         StageKind("personality_sft", "avatarforge.stages.avatar:build_sft_task", SFTOptions,
                   ("autoencoder", "text", "dit", "audio")),
+        StageKind("distill", "avatarforge.stages.distill:build_task", DistillOptions,
+                  ("autoencoder", "text", "dit", "audio")),
+        StageKind("preference_collect", "avatarforge.stages.preferences:build_task", PreferenceOptions,
+                  ("autoencoder", "text", "dit", "audio"), runtime="collect"),
+        StageKind("reward_model", "avatarforge.stages.reward:build_task", RewardOptions, ()),
+        StageKind("rlhf", "avatarforge.stages.rlhf:build_task", RLHFOptions, ("autoencoder", "text", "dit", "audio")),
     )
 }

@@ -40,6 +40,23 @@ def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps
         "stages.sft.options.eval_clips=4",
         "stages.sft.options.eval_videos=2",
         "stages.sft.options.sample_steps=3",
+        # the last four stages: a handful of steps / prompts each
+        "stages.distill.train.steps=4",
+        "stages.distill.options.guidance_batches=2",
+        "stages.distill.options.teacher_steps=4",
+        "stages.distill.options.student_steps=2",
+        "stages.distill.options.eval_clips=2",
+        "stages.distill.options.eval_videos=2",
+        "stages.preferences.options.num_prompts=8",
+        "stages.preferences.options.prompts_per_item=2",
+        "stages.preferences.options.group_size=3",
+        "stages.reward.train.steps=4",
+        "stages.reward.train.batch_size=4",
+        "stages.rlhf.train.steps=4",
+        "stages.rlhf.options.train_prompts=4",
+        "stages.rlhf.options.group_size=2",
+        "stages.rlhf.options.eval_prompts=2",
+        "stages.rlhf.options.eval_videos=2",
     ]
 
 

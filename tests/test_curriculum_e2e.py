@@ -67,3 +67,46 @@ def test_rerun_skips_done_stages_and_rejects_changed_config(finished_run, shared
     assert changed.returncode == 2
     assert "'t2v'" in changed.stderr and "--rerun t2v" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_last_stages_collect_rate_reward_and_align(finished_run):
+    """distill -> preferences (Ray actors + oracle rater) -> reward (Bradley-Terry) -> rlhf (GRPO)."""
+    from omegaconf import OmegaConf
+
+    from avatarforge.data.pair_shards import read_groups, shard_list
+    from avatarforge.model.reward import RewardModel, RewardModelConfig
+    from avatarforge.stages.common import typed
+    from avatarforge.stages.policy import build_avatar_model
+
+    run_dir, _ = finished_run
+    stages = run_dir / "stages"
+    prefs = json.loads((stages / "preferences" / "DONE.json").read_text())
+    assert prefs["kind"] == "preference_collect" and prefs["weights"] == ""
+    groups = read_groups(shard_list(prefs["extra"]["outputs"]["pairs"]), with_videos=True)
+    assert len(groups) == 8 and prefs["metrics"]["items"] == 4  # 8 prompts, 2 per shard
+    assert {g.meta["split"] for g in groups} == {"train", "heldout"}
+    for g in groups:
+        assert g.arrays["latents"].shape[0] == 3 and len(g.videos) == 3  # a group of 3 videos, mp4s included
+        assert g.meta["labels"] and all(label["choice"] in ("a", "b") for label in g.meta["labels"])
+        assert all(label["rater_id"] == "oracle" for label in g.meta["labels"])
+    assert prefs["metrics"]["pairs"] == sum(len(g.meta["labels"]) for g in groups)
+    assert len((stages / "preferences" / "to_label.jsonl").read_text().splitlines()) == 8 * 3
+
+    reward = json.loads((stages / "reward" / "DONE.json").read_text())
+    for key in ("eval/heldout/accuracy", "eval/heldout/oracle_accuracy", "eval/train_pairs/accuracy"):
+        assert 0.0 <= reward["metrics"][key] <= 1.0
+    cfg = OmegaConf.to_container(OmegaConf.load(stages / "reward" / "config.yaml"), resolve=True)
+    model = RewardModel(typed(RewardModelConfig, cfg["stages"]["reward"]["options"]["model"]))
+    model.load_state_dict(load_file(reward["weights"]))
+
+    rlhf = json.loads((stages / "rlhf" / "DONE.json").read_text())
+    assert rlhf["parents"].keys() >= {"distill", "reward"}
+    assert 0.0 <= rlhf["metrics"]["eval/oracle_win_rate"] <= 1.0
+    for key in ("eval/reward", "eval/reward_distilled", "train/kl", "train/reward"):
+        assert key in rlhf["metrics"], rlhf["metrics"].keys()
+    build_avatar_model(cfg, rlhf["weights"])  # a plain AvatarModel: generate can load it
+
+    record = read_offline_run(run_dir / "wandb", "preferences")
+    assert record["job_type"] == "preferences" and "collect/utility" in record["history_keys"]
+    record = read_offline_run(run_dir / "wandb", "rlhf")
+    assert {"train/reward", "train/kl", "eval/oracle_win_rate", "eval/reward"} <= record["history_keys"]

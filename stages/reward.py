@@ -1,0 +1,161 @@
+"""Stage `reward_model`: a video + audio + reference scorer fitted to the collected preference pairs with
+the Bradley-Terry loss. Evaluated on the held-out prompts' pairs: accuracy against the rater's labels (what
+it was taught, noise included) and against the noiseless oracle ordering (what we actually want).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
+from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss
+from avatarforge.stages.common import epoch_batches, typed
+
+
+@dataclass
+class RewardOptions:
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    eval_batch_size: int = 16
+
+
+@dataclass
+class PairSet:
+    """Pairs as index arrays into stacked group tensors (latents are stored once per video, not per pair)."""
+
+    latents: torch.Tensor  # [videos, C, T, H, W]
+    reference: torch.Tensor  # [groups, C, Tr, H, W]
+    audio: torch.Tensor  # [groups, S]
+    text: torch.Tensor  # [groups, L]
+    text_mask: torch.Tensor  # [groups, L]
+    chosen: torch.Tensor  # [pairs] video index
+    rejected: torch.Tensor  # [pairs] video index
+    group: torch.Tensor  # [pairs] group index
+    oracle_agrees: torch.Tensor  # [pairs] bool: the noiseless oracle prefers `chosen` too
+    oracle_known: torch.Tensor  # [pairs] bool: the oracle has a preference (no tie, scores present)
+
+    def __len__(self) -> int:
+        return int(self.chosen.numel())
+
+    def batch(self, index: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long)
+        g = self.group[index]
+        return {"chosen": self.latents[self.chosen[index]], "rejected": self.latents[self.rejected[index]],
+                "reference": self.reference[g], "audio": self.audio[g], "text": self.text[g],
+                "text_mask": self.text_mask[g], "oracle_agrees": self.oracle_agrees[index],
+                "oracle_known": self.oracle_known[index]}
+
+
+def pair_set(groups: list[PromptGroupRecord]) -> PairSet:
+    """Stack the groups' arrays; one pair per label, oriented chosen/rejected."""
+    latents, refs, audio, text, mask, chosen, rejected, group, agrees, known = ([] for _ in range(10))
+    offset = 0
+    for gi, grp in enumerate(groups):
+        videos = {vid: offset + j for j, vid in enumerate(grp.meta["videos"])}
+        latents.append(torch.from_numpy(grp.arrays["latents"]))
+        refs.append(torch.from_numpy(grp.arrays["reference"]))
+        audio.append(torch.from_numpy(grp.arrays["audio"]))
+        text.append(torch.from_numpy(grp.arrays["text"]))
+        mask.append(torch.from_numpy(grp.arrays["text_mask"]))
+        for label in grp.meta["labels"]:
+            a, b = videos[label["video_a"]], videos[label["video_b"]]
+            win, lose = (a, b) if label["choice"] == "a" else (b, a)
+            chosen.append(win)
+            rejected.append(lose)
+            group.append(gi)
+            agrees.append(label.get("oracle_choice") == label["choice"])
+            known.append(label.get("oracle_choice") is not None)
+        offset += len(grp.meta["videos"])
+    if not chosen:
+        raise ValueError("no labelled pairs to train the reward model on")
+    return PairSet(torch.cat(latents), torch.stack(refs), torch.stack(audio), torch.stack(text), torch.stack(mask),
+                   torch.tensor(chosen),
+                   torch.tensor(rejected), torch.tensor(group), torch.tensor(agrees), torch.tensor(known))
+
+
+def preference_groups(args: dict[str, Any]) -> list[PromptGroupRecord]:
+    """The groups of the (single) preference_collect parent."""
+    config, stage = args["config"], args["stage"]
+    found = [p for p in config["stages"][stage]["needs"] if config["stages"][p]["kind"] == "preference_collect"]
+    if len(found) != 1:
+        raise ValueError(f"stage {stage!r} needs exactly one preference_collect parent, found {found}")
+    directory = Path(args["parent_outputs"][found[0]]["pairs"])
+    return read_groups(shard_list(directory))
+
+
+def reward_model_config(config: dict[str, Any], stage: str) -> RewardModelConfig:
+    return typed(RewardOptions, config["stages"][stage]["options"]).model
+
+
+class RewardTask:
+    def __init__(self, args: dict[str, Any]) -> None:
+        config, stage = args["config"], args["stage"]
+        self.options: RewardOptions = typed(RewardOptions, config["stages"][stage]["options"])
+        self.batch_size = config["stages"][stage]["train"]["batch_size"]
+        self.seed = int(config["seed"])
+        groups = preference_groups(args)
+        self.train = pair_set([g for g in groups if g.meta["split"] == "train"])
+        heldout = [g for g in groups if g.meta["split"] == "heldout"]
+        self.heldout = pair_set(heldout) if heldout else None
+
+    def build_model(self) -> nn.Module:
+        return RewardModel(self.options.model)
+
+    def init_from_parents(self, model: nn.Module) -> None:
+        """Trained from scratch: its parents are data (the preference pairs), not weights."""
+
+    def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
+        for index in epoch_batches(len(self.train), self.batch_size, seed=self.seed, rank=rank,
+                                   world_size=world_size, start_batch=start_batch):
+            yield self.train.batch(index)
+
+    def batch_stats(self, batch: Any) -> tuple[int, int]:
+        return batch["chosen"].shape[0], 0
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.cat([batch["chosen"], batch["rejected"]])
+        r = model(both, torch.cat([batch["audio"]] * 2), torch.cat([batch["reference"]] * 2))
+        return r.chunk(2)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        r_chosen, r_rejected = self.scores(model, batch)
+        loss, metrics = bradley_terry_loss(r_chosen, r_rejected)
+        return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}
+
+    def pair_metrics(self, model: nn.Module, pairs: PairSet, prefix: str) -> dict[str, float]:
+        device = next(model.parameters()).device
+        rows = []
+        for start in range(0, len(pairs), self.options.eval_batch_size):
+            batch = pairs.batch(list(range(start, min(start + self.options.eval_batch_size, len(pairs)))))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            r_c, r_r = self.scores(model, batch)
+            loss, _ = bradley_terry_loss(r_c, r_r)
+            right = (r_c > r_r).float()
+            agrees, known = batch["oracle_agrees"].float(), batch["oracle_known"]
+            # against the noiseless oracle: right where it agrees with the label, wrong where it does not;
+            # pairs the oracle has no preference on (ties) are left out
+            oracle_right = (right * agrees + (1 - right) * (1 - agrees))[known]
+            rows.append({"loss": float(loss) * len(right), "accuracy": float(right.sum()),
+                         "oracle_accuracy": float(oracle_right.sum()), "n": len(right),
+                         "n_oracle": int(known.sum())})
+        n, n_oracle = sum(r["n"] for r in rows), sum(r["n_oracle"] for r in rows)
+        return {f"{prefix}/loss": sum(r["loss"] for r in rows) / n,
+                f"{prefix}/accuracy": sum(r["accuracy"] for r in rows) / n,
+                f"{prefix}/oracle_accuracy": sum(r["oracle_accuracy"] for r in rows) / max(n_oracle, 1)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        out = self.pair_metrics(model, self.train, "train_pairs")
+        if self.heldout is not None:
+            out.update(self.pair_metrics(model, self.heldout, "heldout"))
+        out["heldout_pairs"] = float(len(self.heldout) if self.heldout is not None else 0)
+        return out
+
+
+def build_task(args: dict[str, Any]) -> RewardTask:
+    return RewardTask(args)
+
