@@ -19,15 +19,25 @@ from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_eval_batches
-from avatarforge.data.synth.oracle import score_batch, summarize
+from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.flow import euler_sample, eval_flow_loss, flow_matching_loss
-from avatarforge.model.guidance import guided_model_fn, sample_condition_drop
+from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
+from avatarforge.model.guidance import sample_condition_drop
 from avatarforge.model.identity import color_jitter, identity_losses
 from avatarforge.model.lora import LoRAConfig, LoRALinear, inject_lora
 from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
+from avatarforge.stages.quality import (
+    Policy,
+    Prompt,
+    make_prompts,
+    read_identities,
+    read_world,
+    sample_prompts,
+    score_prompts,
+    spread,
+)
 
 BATCH_KEYS = ("video", "audio", "text", "text_mask", "reference")
 ORACLE_KEYS = ("lipsync_corr", "lipsync_conf", "lipsync_offset", "identity_error", "behaviour_error", "jitter")
@@ -98,6 +108,7 @@ class AvatarTask:
         self.seed = config["seed"]
         self.autoencoder = FrozenAutoencoder(config["model"]["autoencoder"], parent_of_kind(args, "autoencoder"))
         self._eval: list[dict[str, Any]] | None = None
+        self._prompts: list[Prompt] | None = None
 
     # -- model --------------------------------------------------------------------------------------
 
@@ -150,36 +161,45 @@ class AvatarTask:
         return self._eval
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Held-out flow loss, then sampled videos scored by the oracle: lip sync against the clip's own
-        audio and against another clip's audio (the gap is what audio conditioning buys), identity and
+        """Held-out flow loss, then windowed videos of whole held-out clips (>= 1.6 s, what the oracle's
+        lip sync needs) scored by the oracle: lip sync against the prompt's own speech and, for the same
+        video, against another clip's speech (the gap is what audio conditioning buys), identity and
         behaviour error against the ground truth, jitter; the first samples as a W&B video."""
         device = next(model.parameters()).device
-        losses, scores, wrong_audio, samples = [], [], [], []
-        remaining = self.options.eval_videos
+        losses = []
         for i, batch in enumerate(self.eval_batches()):
             x0 = self.autoencoder.encode(batch["video"].to(device))
             cond = self.conditions(model, batch, device, x0.shape[2])
             loss, _ = eval_flow_loss(model, x0, seed=self.seed + i, **cond)
             losses.append({"flow_loss": float(loss)})
-            if remaining <= 0:
-                continue
-            n = min(remaining, x0.shape[0])
-            remaining -= n
-            video = self.sample(model, cond, x0.shape, seed=self.seed + i)[:n]
-            sub = {k: (v[:n] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
-            scores += score_batch(video.cpu(), sub, sample_rate=self.data.sample_rate, fps=self.data.fps)
-            wrong_audio += score_batch(video.cpu(), rolled(sub), sample_rate=self.data.sample_rate,
-                                       fps=self.data.fps, use_references=False)
-            samples.append(video.cpu())
         out: dict[str, Any] = mean_metrics(losses)
-        summary, wrong = summarize(scores), summarize(wrong_audio)
-        out.update({f"oracle/{k}": summary[k] for k in ORACLE_KEYS if k in summary})
-        if "lipsync_corr" in wrong:
-            out["oracle/lipsync_corr_other_audio"] = wrong["lipsync_corr"]
-        if samples:
-            clips = torch.cat(samples)[:4]
-            out["samples"] = to_uint8_frames(torch.cat(list(clips), dim=-1))  # side by side
+        prompts = self.eval_prompts()
+        if prompts:
+            o = self.options
+            policy = Policy("eval", model, scales=self.guidance_scales(), steps=o.sample_steps)
+            run = sample_prompts(policy, self.autoencoder, prompts, self.data, seed=self.seed,
+                                 batch_size=len(prompts))
+            summary = summarize(score_prompts(run.videos, prompts, self.data, other_audio=True))
+            out.update({f"oracle/{k}": summary[k] for k in (*ORACLE_KEYS, "lipsync_corr_other_audio")
+                        if k in summary})
+            out["samples"] = np.concatenate(run.videos[:4], axis=2)  # side by side
         return out
+
+    def guidance_scales(self) -> dict[str, float]:
+        o = self.options
+        return {"text": o.guidance_text, "audio": o.guidance_audio, "reference": o.guidance_reference}
+
+    def eval_prompts(self) -> list[Prompt]:
+        """eval_videos whole held-out clips, identities taken in turn, each for its own identity (its
+        reference record from frame 0)."""
+        if self._prompts is None:
+            n = self.options.eval_videos
+            self._prompts = []
+            if n > 0:
+                speeches, records = read_world(self.data, self.data.eval_split, max_clips=8 * n)
+                chosen = spread(speeches, n)
+                self._prompts = make_prompts(chosen, records, self.data, count=len(chosen))
+        return self._prompts
 
     def conditions(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
                    latent_frames: int) -> dict[str, Any]:
@@ -190,14 +210,6 @@ class AvatarTask:
             "audio": model.encode_audio(batch["audio"].to(device), latent_frames),
             "reference": model.encode_reference(ref),
         }
-
-    def sample(self, model: nn.Module, cond: dict[str, Any], shape: tuple[int, ...], seed: int) -> torch.Tensor:
-        o = self.options
-        scales = {"text": o.guidance_text, "audio": o.guidance_audio, "reference": o.guidance_reference}
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(tuple(shape), generator=gen).to(cond["text"].device)
-        latents = euler_sample(guided_model_fn(model, scales), shape, o.sample_steps, noise=noise, **cond)
-        return self.autoencoder.decode(latents)
 
 
 def rolled(batch: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +269,20 @@ class SFTTask(AvatarTask):
                 prompts.append(prompt)
             self._eval = prompts
         return self._eval
+
+    def eval_prompts(self) -> list[Prompt]:
+        """Held-out clips' speech given to the chosen identities in turn (their reference records from the
+        training split, a caption asking for them in the clip's scene, their ground truth)."""
+        if self._prompts is None:
+            n = self.options.eval_videos
+            self._prompts = []
+            if n > 0:
+                keep = self.identities()
+                speeches, _ = read_world(self.data, self.data.eval_split, max_clips=8 * n)
+                chosen = spread(speeches, n)
+                records = read_identities(self.data, self.data.train_split, keep)
+                self._prompts = make_prompts(chosen, records, self.data, count=len(chosen), targets=keep)
+        return self._prompts
 
     def build_model(self) -> nn.Module:
         """Adapters are part of the structure (a resumed run restores them from its checkpoint)."""

@@ -1,8 +1,7 @@
 """Inference: reference video + audio (any length) -> a lip-synced mp4 with the audio muxed in.
 
-The audio is cut into windows of `data.frames` video frames; window k+1 starts on the last frame of
-window k and keeps it (its first latent frame, which the causal autoencoder encodes from that one frame,
-is held to the previous window's encoding at every sampling step), so windows continue one another.
+The audio is cut into windows of `data.frames` video frames sharing one frame each (see
+stages/sampling.py, which the evals and the quality library use too).
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.footage import CutStats, SkipSource, read_audio, square_frame
 from avatarforge.data.tokenizer import encode_text
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.flow import interpolate, sampling_timesteps
-from avatarforge.model.guidance import guided_velocity
 from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, typed
+from avatarforge.stages.sampling import guided_velocity_fn, sample_windows
 
 AVATAR_KINDS = ("personality_sft", "a2v_pretrain")  # preferred first when a run directory is given
 
@@ -123,40 +120,15 @@ class Generator:
     def generate(self, reference: torch.Tensor, wave: torch.Tensor, options: GenerateOptions,
                  progress: bool = True) -> np.ndarray:
         """uint8 frames [N, S, S, 3] covering the audio."""
-        fps, rate, window = self.data.fps, self.data.sample_rate, self.data.frames
-        total = max(1, int(np.ceil(len(wave) / rate * fps)))
-        stride = window - 1  # consecutive windows share one frame
-        n_windows = max(1, int(np.ceil((total - 1) / stride)))
-        ref = self.model.encode_reference(self.autoencoder.encode(reference.to(self.device)))
         text, mask = encode_text(options.caption, self.model.text_encoder.cfg.max_len)
-        text, mask = text[None].to(self.device), mask[None].to(self.device)
         scales = {"audio": options.guidance_audio, "reference": options.guidance_ref, "text": options.guidance_text}
-        gen = torch.Generator().manual_seed(options.seed)
-        out: list[np.ndarray] = []
-        previous: torch.Tensor | None = None  # last frame of the previous window, [1, 3, 1, S, S]
-        for w in tqdm(range(n_windows), desc="generate", unit="window", disable=not progress):
-            start = w * stride
-            seg = wave[int(start / fps * rate): int((start + window) / fps * rate)]
-            seg = torch.nn.functional.pad(seg, (0, int(window / fps * rate) - len(seg)))[None].to(self.device)
-            shape = self.autoencoder.latent_shape((1, 3, window, self.data.size, self.data.size))
-            cond = {"text": text, "text_mask": mask, "audio": self.model.encode_audio(seg, shape[2]),
-                    "reference": ref}
-            keep = self.autoencoder.encode(previous)[:, :, :1] if previous is not None else None
-            noise = torch.randn(shape, generator=gen).to(self.device)
-            x = noise
-            ts = sampling_timesteps(options.steps, device=self.device)
-            for i in range(options.steps):
-                if keep is not None:  # hold the shared first frame on the previous window's trajectory
-                    x[:, :, :1] = interpolate(keep, noise[:, :, :1], ts[i].view(1))
-                v = guided_velocity(self.model, x, ts[i].expand(1), cond, scales)
-                x = x + (ts[i + 1] - ts[i]) * v
-            if keep is not None:
-                x[:, :, :1] = keep
-            video = self.autoencoder.decode(x)  # [1, 3, window, S, S]
-            previous = video[:, :, -1:]
-            frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-            out.append(frames if w == 0 else frames[1:])
-        return np.concatenate(out)[:total]
+        sampled = sample_windows(
+            self.model, self.autoencoder, self.autoencoder.encode(reference.to(self.device)), wave[None],
+            text[None], mask[None], frames_per_window=self.data.frames, size=self.data.size, fps=self.data.fps,
+            sample_rate=self.data.sample_rate, velocity_fn=guided_velocity_fn(self.model, scales),
+            steps=options.steps, seeds=[options.seed], progress=progress,
+        )
+        return ((sampled.video[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, wave: torch.Tensor, sample_rate: int) -> None:
