@@ -138,7 +138,7 @@ class _SlotDataset(IterableDataset):
                 skip=own_batches_done * spec.batch_size,
             ),
             partial(visit_samples, urls=spec.urls, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer,
-                    keys=spec.keys),
+                    keys=spec.keys, references=spec.clip.reference_frames > 0),
             partial(_decode_stage, clip=spec.clip, seed=spec.seed, health=health),
             partial(_batch_stage, batch_size=spec.batch_size, size=spec.clip.size),
         )
@@ -268,9 +268,9 @@ def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int, max_clip
     index = read_index(cfg.root, split)
     urls = shard_paths(cfg.root, split, index)
     visits = (ShardVisit(epoch=0, shard=i, count=n, offset=0) for i, n in enumerate(index["counts"]))
-    raw = visit_samples(visits, urls, seed=0, shuffle_buffer=0)
-    health = SampleHealth(float(cfg.max_bad_fraction))
     clip = _clip_spec(cfg, index)
+    raw = visit_samples(visits, urls, seed=0, shuffle_buffer=0, references=clip.reference_frames > 0)
+    health = SampleHealth(float(cfg.max_bad_fraction))
     batches: list[Batch] = []
     pending: list[dict[str, Any]] = []
     skipped = taken = 0

@@ -10,13 +10,13 @@ positions, and the index-side count of the selection is what the visit promises.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
 import webdataset as wds
+from pydantic_core import from_json
 from webdataset.tariterators import group_by_keys
 
 from .seeding import derive_seed
@@ -35,9 +35,15 @@ def is_reference(sample: dict[str, Any]) -> bool:
     return any(k.startswith("ref.") for k in sample if not k.startswith("__"))
 
 
+def _not_reference_member(name: str) -> bool:
+    """False for members of reference records (`<key>.ref.<ext>`, webdataset's key/suffix split)."""
+    base = name.rsplit("/", 1)[-1]
+    return not base.partition(".")[2].lower().startswith("ref.")
+
+
 def reference_for(records: list[dict[str, Any]], identity: str) -> dict[str, Any] | None:
     """The latest of `records` (a clip's REFERENCES) whose ref.json names `identity`. Identities are parsed
-    lazily, once per record: a loader without references never parses a reference's (long) json."""
+    lazily, once per record, so that a stream that never looks a reference up never parses one."""
     for record in reversed(records):
         if _IDENTITY not in record:
             record[_IDENTITY] = _json_field(record.get(REFERENCE_MEMBER), "identity")
@@ -48,8 +54,8 @@ def reference_for(records: list[dict[str, Any]], identity: str) -> dict[str, Any
 
 def _json_field(data: Any, field: str) -> str | None:
     try:
-        meta = json.loads(data)
-    except (TypeError, ValueError, UnicodeDecodeError):
+        meta = from_json(data)
+    except (TypeError, ValueError):
         return None
     value = meta.get(field) if isinstance(meta, dict) else None
     return value if isinstance(value, str) else None
@@ -78,24 +84,27 @@ def _grouped(url: str, errors: list[str], want: Callable[[str], bool] | None = N
     return group_by_keys(_tar_files(url, errors, want), handler=handler)
 
 
-def _shard_members(url: str, count: int, keys: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
+def _shard_members(
+    url: str, count: int, keys: frozenset[str] | None = None, references: bool = True
+) -> Iterator[dict[str, Any]]:
+    """The visit's samples; references=False leaves reference records unread (their bytes are skipped)."""
     errors: list[str] = []
     n = 0
     # Reference records (ahead of their identity's clips) are not stream positions: they are kept here
     # and every clip carries this shard's list of them (shared, never copied); the decoder picks the
     # clip's identity's record (reference_for). Shuffling cannot separate a clip from its reference,
     # since a clip is read after its reference and the list only grows.
-    references: list[dict[str, Any]] = []
-    for sample in _grouped(url, errors):
+    records: list[dict[str, Any]] = []
+    for sample in _grouped(url, errors, None if references else _not_reference_member):
         if is_reference(sample):
-            references.append(sample)
+            records.append(sample)
             continue
         if keys is not None and sample["__key__"] not in keys:
             continue
         if n == count:
             break
         n += 1
-        sample[REFERENCES] = references
+        sample[REFERENCES] = records
         yield sample
     for _ in range(n, count):
         reason = f"shard holds {n} of {count} indexed samples" + (f" ({errors[0]})" if errors else "")
@@ -120,16 +129,18 @@ def visit_samples(
     seed: int,
     shuffle_buffer: int,
     keys: Sequence[frozenset[str] | None] | None = None,
+    references: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Pipeline stage: shard visits -> raw samples (bytes members, plus __url__ and __epoch__).
 
-    keys[shard], when given and not None, selects that shard's samples by key (in tar order).
+    keys[shard], when given and not None, selects that shard's samples by key (in tar order);
+    references=False skips reading identity reference records (a loader that attaches none).
     The optional shuffle is per visit and seeded by (seed, epoch, shard), so a seek only replays the one
     shard it lands in, never the history of a cross-shard buffer.
     """
     for visit in visits:
         selected = keys[visit.shard] if keys is not None else None
-        stream: Iterator[dict[str, Any]] = _shard_members(urls[visit.shard], visit.count, selected)
+        stream: Iterator[dict[str, Any]] = _shard_members(urls[visit.shard], visit.count, selected, references)
         if shuffle_buffer > 1:
             shuffle_seed = derive_seed("visit-shuffle", seed, visit.epoch, visit.shard)
             stream = iter(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=shuffle_seed)(stream))
