@@ -49,8 +49,11 @@ class RLHFOptions:
     # grpo
     group_size: int = 4
     noise_level: float = 0.7  # SDE noise (Flow-GRPO's a)
-    clip_range: float = 0.2
+    clip_range: float = 1e-3  # per-element (mean) log-probs move ~1e-3 per update here, so the range is small
     log_prob_reduce: str = "mean"  # per-element log-densities keep ratios near 1 for large latents
+    inner_updates: int = 1  # optimizer steps per rollout batch; > 1 makes the ratio (and clipping) bite
+    train_timesteps: int = 0  # rollout steps trained on per update, drawn at random (Flow-GRPO's
+    #                           timestep fraction); 0 = all
     train_prompts: int = 32  # train-split speech prompts of the fine-tuned identities
     # dpo
     dpo_beta: float = 200.0
@@ -66,6 +69,10 @@ class RLHFOptions:
             errors.append("group_size, noise_level: grpo needs group_size >= 2 and noise_level > 0")
         if self.kl_coef < 0:
             errors.append("kl_coef: must be >= 0")
+        if self.inner_updates < 1:
+            errors.append("inner_updates: must be >= 1")
+        if self.train_timesteps < 0:
+            errors.append("train_timesteps: must be >= 0")
         if self.log_prob_reduce not in ("sum", "mean"):
             errors.append("log_prob_reduce: sum or mean")
         return errors
@@ -96,6 +103,12 @@ class RLHFTask:
         self._train_prompts: list[dict[str, Any]] | None = None
         self._eval_prompts: list[dict[str, Any]] | None = None
         self._pairs = None
+        self._rollout: tuple[list[str], Any, torch.Tensor] | None = None  # GRPO: (prompt ids, trajectory, rewards)
+        every = config["stages"][stage]["train"]["checkpoint"]["every_steps"]
+        if self.options.inner_updates > 1 and every % self.options.inner_updates:
+            # a resume must start at a fresh rollout: the old log-probs of a half-used one are gone
+            raise ValueError(f"stage {stage!r}: train.checkpoint.every_steps ({every}) must be a multiple of "
+                             f"options.inner_updates ({self.options.inner_updates})")
 
     # -- model --------------------------------------------------------------------------------------
 
@@ -124,9 +137,13 @@ class RLHFTask:
 
             def make(index: list[int]) -> dict[str, Any]:
                 return merge_rows([rows[i] for i in index])
+        repeat = self.options.inner_updates if self.options.algorithm == "grpo" else 1
+        first, skip = divmod(start_batch, repeat)
         for index in epoch_batches(len(source), self.batch_size, seed=self.seed, rank=rank,
-                                   world_size=world_size, start_batch=start_batch):
-            yield make(index)
+                                   world_size=world_size, start_batch=first):
+            for update in range(skip, repeat):  # GRPO: the same prompts (and rollouts) `repeat` times
+                yield {**make(index), "update": update}
+            skip = 0
 
     def batch_stats(self, batch: Any) -> tuple[int, int]:
         if self.options.algorithm == "dpo":
@@ -151,19 +168,26 @@ class RLHFTask:
         n, g = batch["text"].shape[0], o.group_size
         rows = select(batch, [i for i in range(n) for _ in range(g)])
         ref_latents = self.sampler.reference_latents(rows, device)
-        with torch.no_grad():  # rollouts from the current policy; noise from the (checkpointed) global RNG
-            cond_old = self.sampler.conditions(model, rows, device, ref_latents)
-            shape = self.sampler.latent_shape(n * g)
-            traj = sde_sample(model, shape, self.sampler.steps, o.noise_level, device=device,
-                              reduce=o.log_prob_reduce, **cond_old)
-            rewards = self.rewards(traj.samples, rows, ref_latents)
-            advantages = group_advantages(rewards, g)
+        if batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]:
+            with torch.no_grad():  # rollouts from the current policy; noise from the (checkpointed) global RNG
+                cond_old = self.sampler.conditions(model, rows, device, ref_latents)
+                shape = self.sampler.latent_shape(n * g)
+                traj = sde_sample(model, shape, self.sampler.steps, o.noise_level, device=device,
+                                  reduce=o.log_prob_reduce, **cond_old)
+                rewards = self.rewards(traj.samples, rows, ref_latents)
+            self._rollout = (batch["prompt_id"], traj, rewards)
+        _, traj, rewards = self._rollout  # later inner updates reuse the rollout (old log-probs included)
+        advantages = group_advantages(rewards, g)
+        with torch.no_grad():
             cond_anchor = self.sampler.conditions(self.anchor, rows, device, ref_latents)
         cond = self.sampler.conditions(model, rows, device, ref_latents)  # with grad: encoders are policy
         total = torch.zeros((), device=device)
         stats: dict[str, float] = {}
         ts = traj.timesteps
-        for i in range(traj.steps):
+        chosen = range(traj.steps)
+        if 0 < o.train_timesteps < traj.steps:
+            chosen = sorted(torch.randperm(traj.steps)[: o.train_timesteps].tolist())
+        for i in chosen:
             x, x_next = traj.latents[i], traj.latents[i + 1]
             log_prob, mean, std = transition_log_prob(model, x, x_next, ts[i], ts[i + 1], o.noise_level,
                                                       reduce=o.log_prob_reduce, **cond)
@@ -172,9 +196,9 @@ class RLHFTask:
                 _, mean_anchor, _ = transition_log_prob(self.anchor, x, x_next, ts[i], ts[i + 1], o.noise_level,
                                                         reduce=o.log_prob_reduce, **cond_anchor)
             kl = gaussian_kl_same_std(mean, mean_anchor, std, reduce=o.log_prob_reduce).mean()
-            total = total + (policy_loss + o.kl_coef * kl) / traj.steps
+            total = total + (policy_loss + o.kl_coef * kl) / len(chosen)
             for k, v in {**metrics, "kl": kl}.items():
-                stats[k] = stats.get(k, 0.0) + float(v) / traj.steps
+                stats[k] = stats.get(k, 0.0) + float(v.detach()) / len(chosen)
         flat = traj.samples.flatten(1).view(n, g, -1)
         diversity = torch.cdist(flat, flat).sum() / (n * g * (g - 1)) / flat.norm(dim=-1).mean()
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
