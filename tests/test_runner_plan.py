@@ -26,8 +26,9 @@ def actions(runner):
 
 
 def test_fresh_run_starts_everything(tmp_path):
-    assert actions(CurriculumRunner(cfg_for(tmp_path))) == {
-        "autoencoder": "start", "t2v": "init_from_parents", "a2v": "init_from_parents", "sft": "init_from_parents"}
+    later = ("t2v", "a2v", "sft", "distill", "preferences", "reward", "rlhf")
+    assert actions(CurriculumRunner(cfg_for(tmp_path))) == {"autoencoder": "start",
+                                                            **dict.fromkeys(later, "init_from_parents")}
 
 
 def test_done_stage_with_same_hash_is_skipped(tmp_path):
@@ -46,7 +47,7 @@ def test_changed_config_on_done_stage_is_an_error_naming_it(tmp_path):
     # --rerun accepts the change and reruns the descendants too
     rerun = CurriculumRunner(cfg_for(tmp_path, "stages.autoencoder.train.steps=3"), rerun=["autoencoder"])
     assert actions(rerun)["autoencoder"] == "start"
-    assert rerun.rerun == {"autoencoder", "t2v", "a2v", "sft"}
+    assert rerun.rerun == {"autoencoder", "t2v", "a2v", "sft", "distill", "preferences", "reward", "rlhf"}
 
 
 def test_own_checkpoint_means_resume(tmp_path):
@@ -74,3 +75,23 @@ def test_invalidate_removes_results_and_checkpoints(tmp_path):
     (runner.storage / "t2v").mkdir(parents=True)
     runner.invalidate("t2v")
     assert not runner.stage_dir("t2v").exists() and not (runner.storage / "t2v").exists()
+
+
+def test_started_collect_stage_resumes_per_item(tmp_path):
+    """A collect stage has no Ray Train checkpoint: started work (its finished item shards) is resumed."""
+    runner = CurriculumRunner(cfg_for(tmp_path))
+    plans = {p.stage: p for p in runner.plan()}
+    assert plans["preferences"].action == "init_from_parents"
+    mf.write_started(runner.stage_dir("preferences"), plans["preferences"].config_hash, 0.0)
+    assert actions(runner)["preferences"] == "resume"
+    with pytest.raises(StageConfigChanged, match="'preferences'"):
+        CurriculumRunner(cfg_for(tmp_path, "stages.preferences.options.num_prompts=8")).plan()
+
+
+def test_options_validate_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.preferences\.options\.group_size: must be >= 2"):
+        cfg_for(tmp_path, "stages.preferences.options.group_size=1")
+    with pytest.raises(ConfigError, match=r"stages\.rlhf\.options\.algorithm: must be one of"):
+        cfg_for(tmp_path, "stages.rlhf.options.algorithm=ppo")
+    with pytest.raises(ConfigError, match=r"stages\.preferences\.options\.rater\.path: human labels file"):
+        cfg_for(tmp_path, "stages.preferences.options.rater.name=jsonl")
