@@ -46,14 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(job_sub.add_parser("list"), required=False)
 
     gen = sub.add_parser("generate", help="reference video + audio -> lip-synced mp4 with a trained model")
-    gen.add_argument("--checkpoint", required=True, help="a finished a2v/sft stage dir or a curriculum run dir")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a finished avatar stage dir (rlhf, distill, sft, a2v) or a curriculum run dir (its rlhf "
+                          "stage, else distill, sft, a2v)")
     gen.add_argument("--reference", required=True, help="reference video of the person")
     gen.add_argument("--audio", required=True, help="driving speech (wav, mp3, or a video's audio)")
     gen.add_argument("--out", required=True)
-    gen.add_argument("--steps", type=int, default=12)
-    gen.add_argument("--guidance-audio", type=float, default=2.0)
-    gen.add_argument("--guidance-ref", type=float, default=1.5)
-    gen.add_argument("--guidance-text", type=float, default=1.0)
+    # unset: the checkpoint's own sampling (12 guided steps for a2v/sft; the student's few single-pass
+    # steps at guidance 1 for distill/rlhf, whose guidance is baked in)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance-audio", type=float, default=None)
+    gen.add_argument("--guidance-ref", type=float, default=None)
+    gen.add_argument("--guidance-text", type=float, default=None)
     gen.add_argument("--caption", default="", help="optional text (e.g. the scene)")
     gen.add_argument("--seed", type=int, default=0)
 
@@ -146,7 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = GenerateOptions(steps=args.steps, guidance_audio=args.guidance_audio, guidance_ref=args.guidance_ref,
                               guidance_text=args.guidance_text, seed=args.seed, caption=args.caption)
     result = generate_file(args.checkpoint, args.reference, args.audio, args.out, options)
-    print(f"wrote {result['out']}: {result['frames']} frames, {result['seconds']:.2f} s")
+    print(f"wrote {result['out']}: {result['frames']} frames, {result['seconds']:.2f} s "
+          f"({result['kind']} stage {result['stage']!r}, {result['steps']} steps)")
     return 0
 
 

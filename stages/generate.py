@@ -27,7 +27,9 @@ from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, typed
 from avatarforge.stages.sampling import guided_velocity_fn, sample_windows
 
-AVATAR_KINDS = ("personality_sft", "a2v_pretrain")  # preferred first when a run directory is given
+# preferred first when a run directory is given: the aligned policy, the distilled student, sft, a2v
+AVATAR_KINDS = ("rlhf", "distill", "personality_sft", "a2v_pretrain")
+FEW_STEP_KINDS = ("rlhf", "distill")  # guidance baked in: single-pass steps at scale 1
 
 
 class GenerateError(ValueError):
@@ -36,12 +38,29 @@ class GenerateError(ValueError):
 
 @dataclass
 class GenerateOptions:
-    steps: int = 12
-    guidance_audio: float = 2.0
-    guidance_ref: float = 1.5
-    guidance_text: float = 1.0
+    """None = the checkpoint's own sampling: 12 guided steps for a2v/sft (their eval settings), the student's
+    few single-pass steps at guidance 1 for distill/rlhf."""
+
+    steps: int | None = None
+    guidance_audio: float | None = None
+    guidance_ref: float | None = None
+    guidance_text: float | None = None
     seed: int = 0
     caption: str = ""
+
+
+def sampling_defaults(cfg: dict[str, Any], stage: str) -> dict[str, float]:
+    """How a stage's model is meant to be sampled (see GenerateOptions)."""
+    from avatarforge.stages.policy import distill_steps
+
+    kind, options = cfg["stages"][stage]["kind"], cfg["stages"][stage]["options"]
+    if kind in FEW_STEP_KINDS:
+        steps = options.get("student_steps") if kind == "distill" else None
+        steps = int(steps) if steps else distill_steps(cfg, stage, int(options.get("sample_steps", 0)))
+        return {"steps": steps, "guidance_audio": 1.0, "guidance_ref": 1.0, "guidance_text": 1.0}
+    return {"steps": int(options.get("sample_steps", 12)), "guidance_audio": float(options.get("guidance_audio", 2.0)),
+            "guidance_ref": float(options.get("guidance_reference", 1.5)),
+            "guidance_text": float(options.get("guidance_text", 1.0))}
 
 
 def resolve_stage(checkpoint: str | Path) -> Path:
@@ -53,11 +72,15 @@ def resolve_stage(checkpoint: str | Path) -> Path:
         return path
     if (path / "stages").is_dir():
         done = {p.parent: json.loads(p.read_text())["kind"] for p in (path / "stages").glob("*/DONE.json")}
+        # several stages of a kind (e.g. rlhf ablations): the first in the run's config order
+        order = list(OmegaConf.load(path / "config.yaml").stages) if (path / "config.yaml").exists() else []
+        rank = {name: i for i, name in enumerate(order)}
         for kind in AVATAR_KINDS:
-            found = [d for d, k in done.items() if k == kind]
+            found = sorted((d for d, k in done.items() if k == kind), key=lambda d: (rank.get(d.name, len(rank)), d.name))
             if found:
                 return found[0]
-        raise GenerateError(f"{path} has no finished a2v or sft stage (kinds found: {sorted(set(done.values()))})")
+        raise GenerateError(f"{path} has no finished avatar stage ({', '.join(AVATAR_KINDS)}; "
+                            f"kinds found: {sorted(set(done.values()))})")
     raise GenerateError(f"{checkpoint} is not a finished stage or a curriculum run directory (no DONE.json)")
 
 
@@ -80,6 +103,16 @@ class Generator:
                                  typed(AudioEncoderConfig, cfg["model"]["audio"]))
         self.model.load_state_dict(load_file(done["weights"]))
         self.model.to(self.device).eval()
+        self.stage, self.kind = stage_dir.name, done["kind"]
+        self.defaults = sampling_defaults(cfg, stage_dir.name)
+
+    def resolve(self, options: GenerateOptions) -> GenerateOptions:
+        """Options with the checkpoint's sampling defaults filled in."""
+        filled = {k: getattr(options, k) if getattr(options, k) is not None else v for k, v in self.defaults.items()}
+        out = GenerateOptions(**{**options.__dict__, **filled})
+        if out.steps < 1:
+            raise GenerateError("--steps must be >= 1")
+        return out
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -120,6 +153,7 @@ class Generator:
     def generate(self, reference: torch.Tensor, wave: torch.Tensor, options: GenerateOptions,
                  progress: bool = True) -> np.ndarray:
         """uint8 frames [N, S, S, 3] covering the audio."""
+        options = self.resolve(options)
         text, mask = encode_text(options.caption, self.model.text_encoder.cfg.max_len)
         scales = {"audio": options.guidance_audio, "reference": options.guidance_ref, "text": options.guidance_text}
         sampled = sample_windows(
@@ -152,10 +186,12 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, wave: torch.Tens
 
 
 def generate_file(checkpoint: str, reference: str, audio: str, out: str, options: GenerateOptions) -> dict[str, Any]:
-    if options.steps < 1:
+    if options.steps is not None and options.steps < 1:
         raise GenerateError("--steps must be >= 1")
     gen = Generator(checkpoint)
     ref, wave = gen.read_reference(reference), gen.read_audio(audio)
     frames = gen.generate(ref, wave, options)
     write_mp4(out, frames, gen.data.fps, wave, gen.data.sample_rate)
-    return {"out": out, "frames": len(frames), "seconds": len(frames) / gen.data.fps}
+    used = gen.resolve(options)
+    return {"out": out, "frames": len(frames), "seconds": len(frames) / gen.data.fps, "stage": gen.stage,
+            "kind": gen.kind, "steps": used.steps}

@@ -30,6 +30,7 @@ def test_generate_writes_video_with_audio(finished_run, inputs):
     proc = run_cli("generate", "--checkpoint", str(run_dir), "--reference", str(inputs / "ref.mp4"),
                    "--audio", str(inputs / "speech.wav"), "--out", str(out), "--steps", "2")
     assert "33 frames" in proc.stdout  # ceil(1.3 s * 25 fps)
+    assert "rlhf stage 'rlhf', 2 steps" in proc.stdout  # a run dir means its final (aligned) policy
     with av.open(str(out)) as container:
         kinds = sorted(s.type for s in container.streams)
         video = container.streams.video[0]
@@ -49,3 +50,14 @@ def test_bad_inputs_are_one_line_errors(finished_run, inputs, reference, audio, 
                    "--audio", str(inputs / audio), "--out", str(inputs / "x.mp4"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("stage", "expected"), [
+    ("stages/rlhf", "rlhf stage 'rlhf', 2 steps"),  # the student's steps (2 in the test config), guidance baked in
+    ("stages/sft", "personality_sft stage 'sft', 3 steps"),  # the sft eval's guided sampling
+])
+def test_each_stage_samples_as_it_was_trained(finished_run, inputs, stage, expected):
+    run_dir, _ = finished_run
+    proc = run_cli("generate", "--checkpoint", str(run_dir / stage), "--reference", str(inputs / "ref.mp4"),
+                   "--audio", str(inputs / "speech.wav"), "--out", str(inputs / "each.mp4"))
+    assert expected in proc.stdout
