@@ -10,6 +10,7 @@ Only our own decoders touch shard bytes (json, wav, mp4); nothing from a shard i
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from .stream import REFERENCES, reference_for
 from .tokenizer import encode_text
 
 REQUIRED = ("json", "mp4", "wav")
+_CPU = decord.cpu(0)  # one decord context object, not one per clip
 
 
 class BadSample(ValueError):
@@ -154,13 +157,13 @@ def _wav_window(data: bytes, start: int, length: int, sample_rate: int) -> np.nd
     total = nbytes // frame
     if start >= total:
         return window
-    pcm = np.frombuffer(data, dtype="<i2", count=min(length, total - start) * channels,
-                        offset=offset + start * frame).reshape(-1, channels)
-    # the same arithmetic as media.decode_wav, so a window equals the slice of its output
+    n = min(length, total - start)
+    pcm = np.frombuffer(data, dtype="<i2", count=n * channels, offset=offset + start * frame)
+    # the same values as media.decode_wav (dividing by 2**15 is exact), so a window equals its slice
     if channels == 1:
-        window[: len(pcm)] = pcm[:, 0].astype(np.float32) / 32768.0
+        np.divide(pcm, np.float32(32768.0), out=window[:n], dtype=np.float32)
     else:
-        window[: len(pcm)] = (pcm.astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32)
+        window[:n] = (pcm.reshape(-1, channels).astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32)
     return window
 
 
@@ -172,7 +175,7 @@ def decode_clip(raw: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None) -
         raise BadSample(f"missing or empty member(s): {', '.join(missing)}")
     meta = _metadata(raw["json"])
     try:
-        reader = open_video(raw["mp4"])
+        reader = decord.VideoReader(io.BytesIO(raw["mp4"]), ctx=_CPU, num_threads=1)  # as media.open_video
         n_src, src_fps = len(reader), float(reader.get_avg_fps()) or spec.fps
         n_frames = _target_frames(n_src, src_fps, spec.fps)
         start = 0 if crop_seed is None else _draw(crop_seed, max(0, n_frames - spec.frames) + 1)

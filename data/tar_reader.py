@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 BLOCK = 512
+_ZEROS = bytes(BLOCK)  # an end-of-archive block
 _ADLER_MOD = 65521  # Adler-32's A = 1 + (sum of the bytes) mod 65521
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file (tarfile's REGULAR_TYPES)
 
@@ -79,12 +80,12 @@ def iter_members(
     """(name, data) of each regular member in archive order, leaving out members `want` rejects (their
     bytes are skipped, by seeking where the stream can). Ends at the zero end-of-archive block or at a
     clean end of file; raises TarError on anything else."""
-    seekable = stream.seekable()
+    seekable, read = stream.seekable(), stream.read
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
-        header = stream.read(BLOCK)
-        if not header or header.count(0) == BLOCK:
+        header = read(BLOCK)
+        if not header or header == _ZEROS:
             return
         if len(header) != BLOCK:
             raise TarError(f"truncated tar header ({len(header)} bytes)")
@@ -109,9 +110,9 @@ def iter_members(
         if kind == b"S":
             raise TarError(f"{name}: sparse tar members are not supported")
         if kind in _REGULAR and (want is None or want(name)):
-            data = _read_exact(stream, size, name)
-            if padded > size:
-                _read_exact(stream, padded - size, name)
+            data = read(size)
+            if len(data) != size or (padded > size and len(read(padded - size)) != padded - size):
+                raise TarError(f"unexpected end of data in {name}")
             yield name, data
         elif seekable:
             stream.seek(padded, 1)
