@@ -24,7 +24,8 @@ def write(tmp_path, text: str) -> Path:
 
 def test_tiny_config_loads_and_defaults_merge():
     cfg = load_config(TINY)
-    assert list(cfg.stages) == ["autoencoder", "t2v", "a2v", "sft"]
+    assert list(cfg.stages) == ["autoencoder", "t2v", "a2v", "sft", "distill", "preferences", "reward", "rlhf"]
+    assert cfg.stages.rlhf.needs == ["distill", "reward", "preferences", "autoencoder"]
     assert cfg.stages.sft.needs == ["a2v", "autoencoder"]
     # train_defaults reach every stage, the stage's own values win
     assert cfg.stages.t2v.train.batch_size == 4
