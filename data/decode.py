@@ -94,13 +94,14 @@ def video_batch(clips: list[np.ndarray], size: int) -> torch.Tensor:
     t, h, w, _ = clips[0].shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    # crop, channels-first and uint8 -> float32 in one strided copy per clip straight into the batch, then
-    # x / 127.5 - 1 in place (numpy's in-place ufuncs measured ~2x faster here than torch's float/div/sub)
+    # Per clip, while its bytes are in cache: crop and go channels-first in uint8 (a quarter of the bytes
+    # of float), then x / 127.5 - 1 with numpy ufuncs straight into the batch. Measured ~1.5-2x faster than
+    # torch's float() / div_ / sub_ over the stacked batch; the values are the same bits.
     x = np.empty((len(clips), 3, t, side, side), dtype=np.float32)
     for i, clip in enumerate(clips):
-        x[i] = clip[:, top : top + side, left : left + side, :].transpose(3, 0, 1, 2)
-    np.divide(x, np.float32(127.5), out=x)
-    np.subtract(x, np.float32(1.0), out=x)
+        planar = np.ascontiguousarray(clip[:, top : top + side, left : left + side, :].transpose(3, 0, 1, 2))
+        np.divide(planar, np.float32(127.5), out=x[i], dtype=np.float32)
+        np.subtract(x[i], np.float32(1.0), out=x[i])
     if side == size:
         return torch.from_numpy(x)
     y = torch.from_numpy(x).transpose(1, 2).reshape(len(clips) * t, 3, side, side)
