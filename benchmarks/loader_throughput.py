@@ -4,9 +4,11 @@ Raw = the floor of the work: decord opens each clip's mp4 bytes (already in memo
 number of frames from a random start, nothing else. Loader = `build_train_loader` end to end (tar reading,
 mp4 + wav + json decode, crop, tensors, collate) with num_workers=0 and no identity references, so both
 decode the same frames on one core and the ratio is the pipeline's overhead. Raw and loader alternate
-every 2 batches, so a busy shared machine slows both alike; the table shows medians over rounds. For
-information it also measures the loader with DataLoader workers and with references (the training
-defaults). Usage:
+every 2 batches, so a busy shared machine slows both alike; the table shows medians over rounds. Each side
+is timed twice: wall clock, and this process's CPU time (all its threads: decord decodes in a thread of
+its own). On a machine shared with other jobs the CPU-time ratio is the steadier one, since time spent
+descheduled counts in neither. For information it also measures the loader with DataLoader workers and
+with references (the training defaults). Usage:
 
     .venv/bin/python benchmarks/loader_throughput.py [--root DIR] [--clips 192] [--rounds 3] [--workers 2]
 
@@ -56,23 +58,28 @@ class RawDecoder:
         self.i += 1
 
 
+def _clock() -> np.ndarray:
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 def interleaved(cfg: DataConfig, mp4s: list[bytes], *, clips: int, batch: int, seed: int,
-                chunk: int = 2) -> tuple[float, float]:
-    """(raw, loader) clips/s, timed in alternating chunks of `chunk` batches so background load on a shared
-    machine lands on both sides alike. The loader's first batch is not timed."""
+                chunk: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, loader) clips/s as [by wall clock, per CPU second], timed in alternating chunks of `chunk`
+    batches so background load on a shared machine lands on both sides alike. The loader's first batch is
+    not timed."""
     loader = iter(build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=seed))
     next(loader)
     raw = RawDecoder(mp4s, cfg.frames, seed)
-    raw_s = load_s = 0.0
+    raw_s, load_s = np.zeros(2), np.zeros(2)
     done = 0
     while done < clips:
-        t0 = time.perf_counter()
+        t0 = _clock()
         for _ in range(chunk):
             next(loader)
-        t1 = time.perf_counter()
+        t1 = _clock()
         for _ in range(chunk * batch):
             raw.clip()
-        t2 = time.perf_counter()
+        t2 = _clock()
         load_s, raw_s, done = load_s + t1 - t0, raw_s + t2 - t1, done + chunk * batch
     return done / raw_s, done / load_s
 
@@ -106,18 +113,18 @@ def measure(root: str, opts: argparse.Namespace) -> None:
     mp4s = train_mp4s(cfg)
     rounds = [interleaved(cfg, mp4s, clips=opts.clips, batch=opts.batch, seed=r) for r in range(opts.rounds)]
     with_refs = loader_rate(replace(defaults, num_workers=0), opts.clips, opts.batch, seed=0)
-    raw, load = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
-    ratio = float(np.median([load_r / raw_r for raw_r, load_r in rounds]))
+    raw, load = (np.median([r[i] for r in rounds], axis=0) for i in (0, 1))  # [wall, cpu] each
+    ratio = np.median([load_r / raw_r for raw_r, load_r in rounds], axis=0)
     print(f"\n{len(mp4s)} train clips of {index.get('frames_per_clip', '?')} frames at {size} px; "
           f"{opts.frames}-frame crops, batch {opts.batch}, {opts.clips} clips per round, "
           f"median of {opts.rounds} rounds")
-    print("\n| measure | clips/s |\n|---|---|")
-    print(f"| raw decord decode, 1 process | {raw:.1f} |")
-    print(f"| loader, num_workers=0 | {load:.1f} |")
-    print(f"| ratio loader / raw (target >= 0.9) | {ratio:.2f} |")
-    print(f"| loader, num_workers=0, with identity references (info) | {with_refs:.1f} |")
+    print("\n| measure | clips/s (wall) | clips per CPU second |\n|---|---|---|")
+    print(f"| raw decord decode, 1 process | {raw[0]:.1f} | {raw[1]:.1f} |")
+    print(f"| loader, num_workers=0 | {load[0]:.1f} | {load[1]:.1f} |")
+    print(f"| ratio loader / raw (target >= 0.9) | {ratio[0]:.2f} | {ratio[1]:.2f} |")
+    print(f"| loader, num_workers=0, with identity references (info) | {with_refs:.1f} | |")
     print(f"| loader, num_workers={opts.workers}, with references (info; workers share the cores) "
-          f"| {parallel:.1f} |")
+          f"| {parallel:.1f} | |")
 
 
 def main() -> None:

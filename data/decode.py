@@ -147,23 +147,22 @@ def _wav_window(data: bytes, start: int, length: int, sample_rate: int) -> np.nd
     """float32 [length] from sample `start` (at `sample_rate`) of 16-bit PCM wav bytes, zero-padded past
     the end. At the stored rate only the window's frames are converted; other rates go through
     media.decode_wav + resample_audio on the whole signal."""
-    window = np.zeros(length, dtype=np.float32)
     channels, rate, offset, nbytes = _pcm16_layout(data)
+    frame = 2 * channels
+    n = max(0, min(length, nbytes // frame - start))
+    window = np.empty(length, dtype=np.float32)
+    window[n:] = 0.0  # zero padding past the end (usually nothing)
     if rate != sample_rate:
         audio, rate = decode_wav(data)
         chunk = resample_audio(audio, rate, sample_rate)[start : start + length]
         window[: len(chunk)] = chunk
-        return window
-    frame = 2 * channels
-    total = nbytes // frame
-    if start >= total:
-        return window
-    n = min(length, total - start)
-    pcm = np.frombuffer(data, dtype="<i2", count=n * channels, offset=offset + start * frame)
-    # the same values as media.decode_wav (dividing by 2**15 is exact), so a window equals its slice
-    if channels == 1:
+        window[len(chunk) :] = 0.0
+    elif n and channels == 1:
+        pcm = np.frombuffer(data, dtype="<i2", count=n, offset=offset + start * frame)
+        # the same values as media.decode_wav (dividing by 2**15 is exact), so a window equals its slice
         np.divide(pcm, np.float32(32768.0), out=window[:n], dtype=np.float32)
-    else:
+    elif n:
+        pcm = np.frombuffer(data, dtype="<i2", count=n * channels, offset=offset + start * frame)
         window[:n] = (pcm.reshape(-1, channels).astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32)
     return window
 
