@@ -22,21 +22,29 @@ The export is a plain AvatarModel state dict; the stage's options record how to 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from avatarforge.data.synth.oracle import score_batch, summarize
+from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.avatar import AvatarModel
-from avatarforge.model.flow import euler_sample, interpolate, sample_timesteps, sampling_timesteps
-from avatarforge.model.guidance import guidance_terms, guided_model_fn, guided_velocity
-from avatarforge.stages.avatar import SFTOptions, SFTTask, to_uint8_frames
+from avatarforge.model.flow import interpolate, sample_timesteps, sampling_timesteps
+from avatarforge.model.guidance import guided_velocity
+from avatarforge.stages.avatar import SFTOptions, SFTTask
 from avatarforge.stages.common import parent_of_kind, typed
+from avatarforge.stages.quality import (
+    Policy,
+    Scorer,
+    oracle_utility,
+    paired_stats,
+    sample_and_score,
+    sample_prompts,
+)
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], t [B]) -> velocity
 # oracle scores compared between teacher and student; True: higher is better
@@ -54,8 +62,9 @@ class DistillOptions:
     student_steps: int = 4
     guidance_batches: int = 20  # batches (micro batches) of phase 1 before step distillation starts
     rollout_fraction: float = 0.5  # phase-2 starts taken from the student's own rollout (else from data)
-    # evaluation on held-out speech spoken by the chosen identities
-    eval_clips: int = 8
+    # evaluation: held-out 9-frame clips for the step-distillation error; whole held-out clips' speech
+    # (windowed) given to the sft identities for the teacher / student comparison
+    eval_clips: int = 4
     eval_videos: int = 4
 
     def teacher_scales(self) -> dict[str, float]:
@@ -156,22 +165,27 @@ def step_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, *, stu
                   "rollout_share": from_rollout.float().mean()}
 
 
-class CallCounter:
-    """A model wrapper counting its forward calls: function evaluations, measured rather than assumed."""
-
-    def __init__(self, model: Callable[..., torch.Tensor]) -> None:
-        self.model, self.calls = model, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.calls += 1
-        return self.model(*args, **kwargs)
+def model_conditions(model: nn.Module, batch: dict[str, Any], ref_latents: torch.Tensor,
+                     latent_frames: int) -> dict[str, Any]:
+    """AvatarTask.conditions from already encoded reference latents (shared by student and teacher)."""
+    return {"text": batch["text"], "text_mask": batch["text_mask"],
+            "audio": model.encode_audio(batch["audio"], latent_frames), "reference": model.encode_reference(ref_latents)}
 
 
 def ratio(student: float, teacher: float, higher_is_better: bool) -> float:
     """The student's share of the teacher's score: student/teacher, or teacher/student for errors (so >= 0.9
-    reads "keeps >= 90%" either way); NaN when the denominator is 0."""
-    num, den = (student, teacher) if higher_is_better else (teacher, student)
-    return num / den if den != 0 else float("nan")
+    reads "keeps >= 90%" either way). NaN unless both are > 0: a share of a non-positive score (e.g. a
+    lip-sync correlation at or below chance) means nothing."""
+    if not (student > 0 and teacher > 0):
+        return float("nan")
+    return student / teacher if higher_is_better else teacher / student
+
+
+def velocity_fn(model: nn.Module, cond: dict[str, Any], scales: dict[str, float] | None = None) -> VelocityFn:
+    """(x, t) -> velocity of `model` under `cond`: guided with `scales`, else its single conditional pass."""
+    if scales is None:
+        return lambda x, t: model(x, t, **cond)
+    return lambda x, t: guided_velocity(model, x, t, cond, scales)
 
 
 class DistillTask(SFTTask):
@@ -229,18 +243,11 @@ class DistillTask(SFTTask):
         """(student, teacher) velocity functions for this batch's conditions: the student's single
         conditional pass (gradients flow into its encoders too), the teacher's guided velocity."""
         teacher = self._teacher(x0.device)
-        s_cond = self.conditions(model, batch, x0.device, x0.shape[2])
+        ref = self.autoencoder.encode(batch["reference"])
+        s_cond = model_conditions(model, batch, ref, x0.shape[2])
         with torch.no_grad():
-            t_cond = self.conditions(teacher, batch, x0.device, x0.shape[2])
-        scales = self.options.teacher_scales()
-
-        def student_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(x, t, **s_cond)
-
-        def teacher_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_velocity(teacher, x, t, t_cond, scales)
-
-        return student_fn, teacher_fn
+            t_cond = model_conditions(teacher, batch, ref, x0.shape[2])
+        return velocity_fn(model, s_cond), velocity_fn(teacher, t_cond, self.options.teacher_scales())
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = self.autoencoder.encode(batch["video"])
@@ -257,70 +264,78 @@ class DistillTask(SFTTask):
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    def generate(self, model: nn.Module, batch: dict[str, Any], noise: torch.Tensor, steps: int,
-                 scales: dict[str, float] | None) -> tuple[torch.Tensor, int, float]:
-        """(video, function evaluations per video, wall seconds per video): conditions, sampling, decode."""
-        counter = CallCounter(model)
-        start = time.perf_counter()
-        cond = self.conditions(model, batch, noise.device, noise.shape[2])
-        fn = guided_model_fn(counter, scales) if scales else counter
-        latents = euler_sample(fn, noise.shape, steps, noise=noise, **cond)
-        video = self.autoencoder.decode(latents)
-        wall = (time.perf_counter() - start) / noise.shape[0]
-        return video, counter.calls, wall
+    @torch.no_grad()
+    def heldout_step_mse(self, model: nn.Module, teacher: AvatarModel) -> dict[str, float]:
+        """Phase 2's objective on held-out clips with fixed noise, every interval of the student's schedule
+        from the data-noise line: the student's velocity against the guided teacher's mean velocity over
+        the interval; the sft model's own single pass against the same targets is the baseline."""
+        o, device = self.options, next(model.parameters()).device
+        times = sampling_timesteps(o.student_steps, device=device)
+        errors: dict[str, list[float]] = {"heldout_step_mse": [], "undistilled_step_mse": []}
+        for i, batch in enumerate(self.eval_batches()):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            x0 = self.autoencoder.encode(batch["video"])
+            ref = self.autoencoder.encode(batch["reference"])
+            student_fn = velocity_fn(model, model_conditions(model, batch, ref, x0.shape[2]))
+            t_cond = model_conditions(teacher, batch, ref, x0.shape[2])
+            teacher_fn, own_fn = velocity_fn(teacher, t_cond, o.teacher_scales()), velocity_fn(teacher, t_cond)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.seed + i)).to(device)
+            for k in range(o.student_steps):
+                t_from, t_to = times[k].expand(x0.shape[0]), times[k + 1].expand(x0.shape[0])
+                x = interpolate(x0, noise, t_from)
+                target = step_targets(teacher_fn, x, t_from, t_to, o.teacher_steps // o.student_steps)
+                errors["heldout_step_mse"].append(float((student_fn(x, t_from) - target).pow(2).mean()))
+                errors["undistilled_step_mse"].append(float((own_fn(x, t_from) - target).pow(2).mean()))
+        return {k: sum(v) / len(v) for k, v in errors.items() if v}
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Held-out prompts, the same noise for teacher (teacher_steps, guided) and student (student_steps,
-        single pass): NFEs and wall time per video, oracle scores of both, the student/teacher ratio per
-        score, and the pixel MSE of the student's samples to the teacher's (and, as the baseline, of the sft
-        model's own samples with the student's budget: single pass, student_steps). Sample videos: teacher above, student below."""
+        """Held-out prompts (whole held-out clips' speech given to the sft identities, windowed as generate
+        does), the same noise for teacher (teacher_steps, guided) and student (student_steps, one pass):
+        NFEs and wall time per video, oracle scores of both, the student/teacher ratio per score, the
+        student's oracle-preference win rate over the teacher (0.5: as good), and the pixel MSE of the
+        student's videos to the teacher's, against the sft model's own at the student's budget (one pass,
+        student_steps) as the baseline. Sample videos: teacher above, student below."""
         device = next(model.parameters()).device
         teacher, o = self._teacher(device), self.options
-        scales = o.teacher_scales()
-        present = ["text", "audio", "reference"]
-        out: dict[str, Any] = {}
-        scores: dict[str, list[dict[str, float]]] = {"teacher": [], "student": []}
-        timing = {"teacher": [], "student": []}
-        nfe = {"teacher": [], "student": []}
-        gaps = {"student": [], "undistilled": []}
-        clips = []
-        remaining = o.eval_videos
-        for i, batch in enumerate(self.eval_batches()):
-            if remaining <= 0:
-                break
-            n = min(remaining, len(batch["identity"]))
-            remaining -= n
-            sub = {k: (v[:n] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
-            shape = self.autoencoder.latent_shape(tuple(sub["video"].shape))
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed + i)).to(device)
-            videos = {}
-            for name, net, steps, sc in (("teacher", teacher, o.teacher_steps, scales),
-                                         ("student", model, o.student_steps, None)):
-                video, calls, wall = self.generate(net, sub, noise, steps, sc)
-                videos[name] = video.cpu()
-                nfe[name].append(calls)
-                timing[name].append(wall)
-                scores[name] += score_batch(video.cpu(), sub, sample_rate=self.data.sample_rate, fps=self.data.fps)
-            # the sft model itself at the student's budget (what the student was before distilling)
-            undistilled, _, _ = self.generate(teacher, sub, noise, o.student_steps, None)
-            for name, video in (("student", videos["student"]), ("undistilled", undistilled.cpu())):
-                gaps[name].append(float((video - videos["teacher"]).pow(2).mean()))
-            clips += [torch.cat([videos["teacher"][j], videos["student"][j]], dim=-2) for j in range(n)]
+        out: dict[str, Any] = self.heldout_step_mse(model, teacher)
+        prompts = self.eval_prompts()
+        if not prompts:
+            return out
+        policies = (Policy("teacher", teacher, scales=o.teacher_scales(), steps=o.teacher_steps),
+                    Policy("student", model, steps=o.student_steps))
+        runs, scores = {}, {}
+        with Scorer(self.data) as scorer:
+            for policy in policies:
+                runs[policy.name], scores[policy.name] = sample_and_score(
+                    policy, self.autoencoder, prompts, self.data, scorer, seed=self.seed, batch_size=len(prompts))
+        undistilled = sample_prompts(Policy("undistilled", teacher, steps=o.student_steps), self.autoencoder,
+                                     prompts, self.data, seed=self.seed, batch_size=len(prompts))
         for name in ("teacher", "student"):
-            summary = summarize(scores[name])
-            out[f"{name}_nfe"] = sum(nfe[name]) / len(nfe[name])
-            out[f"{name}_wall_s"] = sum(timing[name]) / len(timing[name])
+            means = summarize(scores[name])
+            out[f"{name}_nfe"] = runs[name].nfe
+            out[f"{name}_wall_s"] = runs[name].seconds_per_video
             for key in (*SCORES, "jitter"):
-                out[f"{name}_{key}"] = summary.get(key, float("nan"))
-        out["teacher_nfe_expected"] = o.teacher_steps * len(guidance_terms(scales, present))
+                out[f"{name}_{key}"] = means.get(key, float("nan"))
         out["nfe_ratio"] = out["teacher_nfe"] / out["student_nfe"]
         out["wall_speedup"] = out["teacher_wall_s"] / out["student_wall_s"]
         for key, higher in SCORES.items():
             out[f"ratio_{key}"] = ratio(out[f"student_{key}"], out[f"teacher_{key}"], higher)
-        out["student_teacher_video_mse"] = sum(gaps["student"]) / len(gaps["student"])
-        out["undistilled_teacher_video_mse"] = sum(gaps["undistilled"]) / len(gaps["undistilled"])
-        out["samples"] = to_uint8_frames(torch.cat(clips[:4], dim=-1))
+        preference = paired_stats([oracle_utility(s) for s in scores["student"]],
+                                  [oracle_utility(s) for s in scores["teacher"]])
+        out["student_win_rate"] = preference.get("win_rate", float("nan"))
+        teacher_videos = runs["teacher"].videos
+        out["student_teacher_video_mse"] = video_mse(runs["student"].videos, teacher_videos)
+        out["undistilled_teacher_video_mse"] = video_mse(undistilled.videos, teacher_videos)
+        pairs = [np.concatenate([a, b], axis=1) for a, b in zip(teacher_videos[:4], runs["student"].videos[:4],
+                                                                 strict=True)]
+        out["samples"] = np.concatenate(pairs, axis=2)  # teacher above student, prompts side by side
         return out
+
+
+def video_mse(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Mean squared difference of uint8 videos in [-1, 1] units."""
+    diffs = [((x.astype(np.float32) - y.astype(np.float32)) / 127.5) ** 2 for x, y in zip(a, b, strict=True)]
+    return float(np.mean([d.mean() for d in diffs]))
 
 
 def build_task(args: dict[str, Any]) -> DistillTask:
@@ -328,4 +343,4 @@ def build_task(args: dict[str, Any]) -> DistillTask:
 
 
 __all__ = ["DistillOptions", "DistillTask", "build_task", "phase_of", "integrate", "rollout", "guidance_loss",
-           "step_targets", "step_loss", "CallCounter", "ratio"]
+           "step_targets", "step_loss", "model_conditions", "velocity_fn", "ratio", "video_mse"]
