@@ -53,6 +53,7 @@ def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps
         "stages.reward.train.steps=4",
         "stages.reward.train.batch_size=4",
         "stages.rlhf.train.steps=4",
+        "stages.rlhf.train.checkpoint.every_steps=2",  # a mid-stage checkpoint for the resume test
         "stages.rlhf.options.train_prompts=4",
         "stages.rlhf.options.group_size=2",
         "stages.rlhf.options.eval_prompts=2",

@@ -1,5 +1,6 @@
-"""Kill the driver during `t2v` (SIGKILL, not a polite stop); the rerun skips `autoencoder`, resumes
-`t2v` from its latest checkpoint and ends with exactly the weights of an uninterrupted run."""
+"""Kill the driver during `t2v`, and again during `rlhf` (SIGKILL, not a polite stop); each rerun skips the
+finished stages, resumes the killed one from its latest checkpoint, and the curriculum ends with exactly the
+weights of an uninterrupted run in every stage."""
 
 from __future__ import annotations
 
@@ -21,29 +22,28 @@ from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
-    """The first persisted, registered t2v checkpoint."""
+def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 900) -> Path:
+    """The first persisted, registered checkpoint of the stage stored under `storage`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before a t2v checkpoint appeared:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"the run ended before a {storage.name} checkpoint appeared:\n"
+                                 f"{proc.stdout.read()[-4000:]}")
         snapshot = storage / "checkpoint_manager_snapshot.json"
         found = sorted(storage.glob("step_*"))
         if snapshot.exists() and found:
             return found[0]
         time.sleep(0.2)
-    raise AssertionError("no t2v checkpoint in time")
+    raise AssertionError(f"no {storage.name} checkpoint in time")
 
 
-def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shared_data):
-    reference_dir, _ = finished_run
-    args = ["run", str(TINY), *small_overrides(tmp_path, shared_data, t2v_steps=12)]
+def kill_at_checkpoint(args: list[str], storage: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        wait_for_checkpoint(tmp_path / "tiny" / "ray" / "t2v", proc)
+        wait_for_checkpoint(storage, proc)
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage, no cleanup
         proc.wait(timeout=30)
     finally:
@@ -52,19 +52,32 @@ def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shar
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shared_data):
+    reference_dir, _ = finished_run
+    args = ["run", str(TINY), *small_overrides(tmp_path, shared_data, t2v_steps=12)]
     run_dir = tmp_path / "tiny"
+    kill_at_checkpoint(args, run_dir / "ray" / "t2v")
     assert (run_dir / "stages" / "autoencoder" / "DONE.json").exists()
     assert not (run_dir / "stages" / "t2v" / "DONE.json").exists()
 
-    resumed = run_cli(*args, timeout=900)
-    assert "autoencoder: done with the same config, skipped" in resumed.stdout
-    assert re.search(r"plan: t2v\s+resume", resumed.stdout)
-    assert "rank 0: resumed at step" in resumed.stdout + resumed.stderr
+    # the rerun resumes t2v; killed again in the last stage (after the preference and reward stages)
+    kill_at_checkpoint(args, run_dir / "ray" / "rlhf")
+    assert (run_dir / "stages" / "reward" / "DONE.json").exists()
+    assert not (run_dir / "stages" / "rlhf" / "DONE.json").exists()
 
-    done = json.loads((run_dir / "stages" / "t2v" / "DONE.json").read_text())
-    reference = json.loads((reference_dir / "stages" / "t2v" / "DONE.json").read_text())
-    assert done["config_hash"] == reference["config_hash"]
-    got, want = load_file(done["weights"]), load_file(reference["weights"])
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), f"{name} differs after resume"
+    resumed = run_cli(*args, timeout=900)
+    for stage in ("autoencoder", "t2v", "a2v", "sft", "distill", "preferences", "reward"):
+        assert f"{stage}: done with the same config, skipped" in resumed.stdout
+    assert re.search(r"plan: rlhf\s+resume", resumed.stdout)
+    assert "[rlhf] rank 0: resumed at step" in resumed.stdout + resumed.stderr
+
+    for stage in ("t2v", "a2v", "sft", "distill", "reward", "rlhf"):
+        done = json.loads((run_dir / "stages" / stage / "DONE.json").read_text())
+        reference = json.loads((reference_dir / "stages" / stage / "DONE.json").read_text())
+        assert done["config_hash"] == reference["config_hash"]
+        got, want = load_file(done["weights"]), load_file(reference["weights"])
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"{stage}: {name} differs from the uninterrupted run"
