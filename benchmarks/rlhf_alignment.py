@@ -7,7 +7,12 @@ both (a reward rise without an oracle win is reward hacking), the oracle utility
 training KL to the distilled policy. Also the reward model's held-out pair accuracy.
 
     avatarforge run configs/curriculum/tiny.yaml configs/curriculum/rlhf_ablations.yaml
-    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny
+    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny [--windowed 24]
+
+--windowed N also compares every rlhf policy with the distilled one the way `generate` samples: N held-out
+prompts of >= 1.6 s (several windows each) for the fine-tuned identities, same noise, scored by the oracle
+(stages/quality.py), which is the longer, less noisy judgement (the in-stage eval uses single 9-frame
+windows).
 """
 
 from __future__ import annotations
@@ -54,10 +59,51 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def windowed(run_dir: Path, count: int, workers: int) -> str:
+    """Each rlhf policy vs the distilled policy on windowed held-out prompts (stages/quality.py)."""
+    from avatarforge.stages import quality as q
+    from avatarforge.stages.generate import Generator
+    from avatarforge.stages.prompts import personality_identities
+
+    manifests = stage_manifests(run_dir)
+    distill = [n for n, m in manifests.items() if m["kind"] == "distill"]
+    if len(distill) != 1:
+        raise SystemExit(f"{run_dir}: expected one finished distill stage, found {distill}")
+    teacher = Generator(run_dir / "stages" / distill[0])
+    data, cfg = teacher.data, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    world = q.eval_world(data, f"{data.root}-quality", heldout_identities=8, reference_seconds=16.0)
+    speeches, _ = q.read_world(world, world.eval_split)
+    targets = personality_identities(cfg, world)
+    tuned = q.read_identities(world, world.train_split, targets)
+    prompts = q.make_prompts(q.spread(speeches, count), tuned, world, count=count, targets=targets)
+    base = q.Policy("distilled", teacher.model, steps=teacher.defaults["steps"])
+    lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities):", "",
+             "| stage | oracle win rate vs distilled | sign-test p | utility (policy / distilled) | lip-sync corr "
+             "| identity error | behaviour error |", "|---|---|---|---|---|---|---|"]
+    for name, m in manifests.items():
+        if m["kind"] != "rlhf":
+            continue
+        gen = Generator(run_dir / "stages" / name)
+        policy = q.Policy(name, gen.model, steps=gen.defaults["steps"])
+        c = q.compare_policies(policy, base, teacher.autoencoder, prompts, world, workers=workers)
+        a, b = c.summary[name], c.summary["distilled"]
+        lines.append(f"| {name} | {c.utility_win_rate:.3f} | {c.utility.get('sign_p', float('nan')):.3f} | "
+                     f"{a['utility']:.3f} / {b['utility']:.3f} | "
+                     f"{a.get('lipsync_corr', float('nan')):.3f} / {b.get('lipsync_corr', float('nan')):.3f} | "
+                     f"{a.get('identity_error', float('nan')):.3f} / {b.get('identity_error', float('nan')):.3f} | "
+                     f"{a.get('behaviour_error', float('nan')):.3f} / {b.get('behaviour_error', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default="runs/tiny")
-    print(report(Path(parser.parse_args().run_dir)))
+    parser.add_argument("--windowed", type=int, default=0, help="held-out windowed prompts per comparison (0: off)")
+    parser.add_argument("--workers", type=int, default=1, help="oracle processes")
+    args = parser.parse_args()
+    print(report(Path(args.run_dir)))
+    if args.windowed:
+        print(windowed(Path(args.run_dir), args.windowed, args.workers))
 
 
 if __name__ == "__main__":
