@@ -54,11 +54,14 @@ def fmt(x: float, digits: int = 3) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def verdict(stats: dict[str, float], *, kept: bool = False) -> str:
+def verdict(stats: dict[str, float], *, kept: bool = False, vacuous: bool = False) -> str:
     """holds: a beats b (CI of the difference excludes 0 in a's favour, sign test p < 0.05). For `kept`
-    claims (a must not be worse than b): kept unless b clearly wins."""
+    claims (a must not be worse than b): kept unless b clearly wins; `vacuous` when there was nothing to
+    keep (the reference does not carry identity in the first place, claim b)."""
     if stats.get("n", 0) == 0:
         return "n/a"
+    if kept and vacuous:
+        return "vacuous (claim b fails: no identity to keep)"
     wins_clearly = stats["win_rate"] > 0.5 and stats["sign_p"] < 0.05
     loses_clearly = stats["win_rate"] < 0.5 and stats["sign_p"] < 0.05
     ci_a = (stats["ci_low"] > 0 or stats["ci_high"] < 0) and not (stats["ci_low"] < 0 < stats["ci_high"])
@@ -67,11 +70,12 @@ def verdict(stats: dict[str, float], *, kept: bool = False) -> str:
     return "holds" if wins_clearly and ci_a else "fails"
 
 
-def row(claim: str, what: str, metric: str, a: str, b: str, stats: dict[str, float], kept: bool = False) -> str:
+def row(claim: str, what: str, metric: str, a: str, b: str, stats: dict[str, float], kept: bool = False,
+        vacuous: bool = False) -> str:
     return (f"| {claim} | {what} | {metric} | {stats.get('n', 0)} | {a} {fmt(stats.get('mean_a'))} | "
             f"{b} {fmt(stats.get('mean_b'))} | {fmt(stats.get('diff'))} [{fmt(stats.get('ci_low'))}, "
             f"{fmt(stats.get('ci_high'))}] | {fmt(100 * stats.get('win_rate', np.nan), 0)}% | "
-            f"{fmt(stats.get('sign_p'), 4)} | {verdict(stats, kept=kept)} |")
+            f"{fmt(stats.get('sign_p'), 4)} | {verdict(stats, kept=kept, vacuous=vacuous)} |")
 
 
 def paired(a: list[dict], b: list[dict], key: str, key_b: str | None = None) -> dict[str, float]:
@@ -92,15 +96,19 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="oracle processes (scoring overlaps sampling)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: cores - workers + 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--claims", default="abcde", help="which claims to measure (letters a-e)")
     ap.add_argument("--json", default="", help="also write every number here")
+    ap.add_argument("--a2v", default="", help="an a2v stage dir to use instead of the run's (experiments)")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
     run = Path(args.run)
     a2v_dir, sft_dir = stage_of_kind(run, "a2v_pretrain"), stage_of_kind(run, "personality_sft")
+    a2v_dir = Path(args.a2v) if args.a2v else a2v_dir
     a2v, sft = Generator(a2v_dir), Generator(sft_dir)
     sft_cfg = OmegaConf.to_container(OmegaConf.load(sft_dir / "config.yaml"), resolve=True)
-    a2v_opts = typed(A2VOptions, sft_cfg["stages"][a2v_dir.name].get("options", {}))
+    a2v_cfg = OmegaConf.to_container(OmegaConf.load(a2v_dir / "config.yaml"), resolve=True)
+    a2v_opts = typed(A2VOptions, a2v_cfg["stages"][a2v_dir.name].get("options", {}))
     scales = {"text": a2v_opts.guidance_text, "audio": a2v_opts.guidance_audio,
               "reference": a2v_opts.guidance_reference}
     steps = args.steps or a2v_opts.sample_steps
@@ -129,15 +137,17 @@ def main() -> int:
     scores: dict[str, list[dict]] = {}
     with q.Scorer(world, args.workers) as scorer:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
+        want = set(args.claims)
         jobs = [
             ("right audio", policy_a2v, prompts, None),  # also scored against the next prompt's speech
-            ("other audio", policy_a2v, q.with_other_audio(prompts), None),
-            ("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), None),
-            ("caption: reference's scene", policy_a2v,
-             q.with_caption_scene(sub, [p.reference_scene for p in sub], world), None),
-            ("sft identities, a2v", policy_a2v, sft_prompts, None),
-            ("sft identities, sft", policy_sft, sft_prompts, None),
-            *[(f"reference {s:g} s", policy_a2v, sub, s) for s in args.lengths],
+            *([("other audio", policy_a2v, q.with_other_audio(prompts), None)] if "a" in want else []),
+            *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), None)]
+              if "b" in want else []),
+            *([("caption: reference's scene", policy_a2v,
+                q.with_caption_scene(sub, [p.reference_scene for p in sub], world), None)] if "d" in want else []),
+            *([("sft identities, a2v", policy_a2v, sft_prompts, None), ("sft identities, sft", policy_sft,
+                                                                         sft_prompts, None)] if "c" in want else []),
+            *([(f"reference {s:g} s", policy_a2v, sub, s) for s in args.lengths] if "e" in want else []),
         ]
         for name, policy, ps, seconds in jobs:
             t = time.perf_counter()
@@ -159,23 +169,29 @@ def main() -> int:
     results["runs"]["ground truth"] = {"prompts": len(prompts), **{k: gt.get(k) for k in OVERVIEW_KEYS}}
 
     right, n_sub = scores["right audio"], args.sub_prompts
-    claims = [
-        ("a", "right vs other audio", "lipsync_corr", "right", "other", paired(right, scores["other audio"], "lipsync_corr")),
-        ("a", "right vs other audio", "lipsync_conf", "right", "other", paired(right, scores["other audio"], "lipsync_conf")),
-        ("a", "same video: own vs other speech", "lipsync_corr", "own", "other",
-         paired(right, right, "lipsync_corr", "lipsync_corr_other_audio")),
-        ("b", "own vs other identity's reference", "identity_error", "own", "other",
-         paired(right[:n_sub], scores["other identity's reference"], "identity_error")),
-    ]
-    for metric in ("lipsync_corr", "identity_error", "behaviour_error"):
-        claims.append(("c", "sft vs a2v, fine-tuned identities", metric, "sft", "a2v",
-                       paired(scores["sft identities, sft"], scores["sft identities, a2v"], metric)))
+    claims = []
+    if "other audio" in scores:
+        claims += [
+            ("a", "right vs other audio", "lipsync_corr", "right", "other",
+             paired(right, scores["other audio"], "lipsync_corr")),
+            ("a", "right vs other audio", "lipsync_conf", "right", "other",
+             paired(right, scores["other audio"], "lipsync_conf")),
+        ]
+    claims.append(("a", "same video: own vs other speech", "lipsync_corr", "own", "other",
+                   paired(right, right, "lipsync_corr", "lipsync_corr_other_audio")))
+    if "other identity's reference" in scores:
+        claims.append(("b", "own vs other identity's reference", "identity_error", "own", "other",
+                       paired(right[:n_sub], scores["other identity's reference"], "identity_error")))
+    if "sft identities, sft" in scores:
+        claims += [("c", "sft vs a2v, fine-tuned identities", metric, "sft", "a2v",
+                    paired(scores["sft identities, sft"], scores["sft identities, a2v"], metric))
+                   for metric in ("lipsync_corr", "identity_error", "behaviour_error")]
     claims.append(("d", "backdrop: asked scene vs reference's scene", "scene_error", "asked", "ref's",
                    paired(right, right, "scene_error", "scene_error_ref")))
     kept = [("d", "cross-scene vs same-scene caption", metric, "cross", "same",
              paired(right[:n_sub], scores["caption: reference's scene"], metric))
-            for metric in ("identity_error", "behaviour_error")]
-    lengths = sorted(args.lengths)
+            for metric in ("identity_error", "behaviour_error") if "caption: reference's scene" in scores]
+    lengths = sorted(args.lengths) if "e" in want else []
     if len(lengths) >= 2:
         claims.append(("e", f"reference {lengths[-1]:g} s vs {lengths[0]:g} s", "identity_error",
                        f"{lengths[-1]:g}s", f"{lengths[0]:g}s",
@@ -185,7 +201,8 @@ def main() -> int:
 
     out = ["| claim | comparison | metric | n | A | B | A − B [95% CI] | A wins | sign p | verdict |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    out += [row(*c) for c in claims if c[0] <= "d"] + [row(*c, kept=True) for c in kept]
+    identity_holds = any(c[0] == "b" and verdict(c[-1]) == "holds" for c in claims)
+    out += [row(*c) for c in claims if c[0] <= "d"] + [row(*c, kept=True, vacuous=not identity_holds) for c in kept]
     out += [row(*c) for c in claims if c[0] > "d"]
     out += ["", "| condition | n | NFE/video | s/video | lip sync corr | conf | abs offset | identity err | "
                 "behaviour err | jitter | scene err (asked) | scene err (ref's) |",
@@ -198,6 +215,8 @@ def main() -> int:
     length_rows = [(data.reference_frames, "right audio")] + [
         (q.reference_frames_for(s, world.fps, world.reference_stride), f"reference {s:g} s") for s in lengths]
     for frames, name in sorted(length_rows):
+        if name not in scores:
+            continue
         sc = scores[name][:n_sub]
         ident = np.array([s["identity_error"] for s in sc])
         boot = np.random.default_rng(0).choice(ident, (2000, len(ident))).mean(axis=1)
