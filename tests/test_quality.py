@@ -262,3 +262,27 @@ def test_stage_eval_scores_windowed_whole_clips(world, nets, tmp_path, kind):
     for key in ("flow_loss", "oracle/lipsync_corr", "oracle/lipsync_corr_other_audio", "oracle/identity_error",
                 "oracle/behaviour_error", "oracle/jitter"):
         assert np.isfinite(out[key]), key
+
+
+def test_eval_world_is_the_same_world_with_more_heldout_identities(world, tmp_path):
+    import tarfile
+
+    big = q.eval_world(world, str(tmp_path / "big"), heldout_identities=3, reference_seconds=3.0, workers=1)
+    speeches, ids = q.read_world(big, "heldout", reference_seconds=3.0)
+    assert sorted(ids) == ["id0002", "id0003", "id0004"] and len(speeches) == 6
+    assert ids["id0002"].reference.shape[1] == q.reference_frames_for(3.0, FPS, 4)
+
+    def members(root: str) -> dict[str, bytes]:
+        out = {}
+        for path in sorted(Path(root, "train").glob("*.tar")):
+            with tarfile.open(path) as tar:
+                out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+        return out
+
+    small, large = members(world.root), members(big.root)
+    clips = [k for k in small if not k.split(".", 1)[1].startswith("ref.")]
+    assert clips and all(small[k] == large[k] for k in clips)  # the training clips are the run's own
+    index = Path(big.root, "heldout", "index.json")
+    stamp = index.stat().st_mtime_ns
+    assert q.eval_world(world, str(tmp_path / "big"), heldout_identities=3, reference_seconds=3.0).root == big.root
+    assert index.stat().st_mtime_ns == stamp  # generated once
