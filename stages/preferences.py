@@ -179,7 +179,8 @@ class PreferenceCollectTask:
     # -- summary ------------------------------------------------------------------------------------
 
     def finalize(self) -> dict[str, Any]:
-        groups = read_groups(shard_list(self.out_dir))
+        shards = {path: read_groups([path]) for path in shard_list(self.out_dir)}
+        groups = [grp for found in shards.values() for grp in found]
         labels = [label for grp in groups for label in grp.meta["labels"]]
         if not labels:
             raise ValueError(f"{self.out_dir}: the rater produced no labelled pairs "
@@ -188,7 +189,7 @@ class PreferenceCollectTask:
             {"prompt_id": grp.prompt_id, "video_a": a, "video_b": b,
              "shard": str(path), "member_a": grp.meta.get("video_members", {}).get(a),
              "member_b": grp.meta.get("video_members", {}).get(b)}
-            for path in shard_list(self.out_dir) for grp in read_groups([path])
+            for path, found in shards.items() for grp in found
             for a, b in combinations(grp.meta["videos"], 2)
         ]
         atomic_write_text(self.out_dir.parent / "to_label.jsonl",
@@ -203,7 +204,7 @@ class PreferenceCollectTask:
             "utility": float(np.mean([u for g in groups for u in g.meta["utilities"]])),
         }
         atomic_write_text(self.out_dir / "index.json", json.dumps(
-            {"shards": [p.name for p in shard_list(self.out_dir)], **summary}, indent=2))
+            {"shards": [p.name for p in shards], **summary}, indent=2))
         return {**summary, "outputs": {"pairs": str(self.out_dir)}}
 
 
