@@ -113,5 +113,5 @@ def shared_data(tmp_path_factory) -> Path:
 def finished_run(tmp_path_factory, shared_data) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny curriculum run once, uninterrupted; several tests inspect it."""
     out = tmp_path_factory.mktemp("runs")
-    proc = run_cli("run", str(TINY), *small_overrides(out, shared_data), timeout=900)
+    proc = run_cli("run", str(TINY), *small_overrides(out, shared_data), timeout=1500)
     return out / "tiny", proc

@@ -67,7 +67,7 @@ def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shar
     assert (run_dir / "stages" / "reward" / "DONE.json").exists()
     assert not (run_dir / "stages" / "rlhf" / "DONE.json").exists()
 
-    resumed = run_cli(*args, timeout=900)
+    resumed = run_cli(*args, timeout=1500)
     for stage in ("autoencoder", "t2v", "a2v", "sft", "distill", "preferences", "reward"):
         assert f"{stage}: done with the same config, skipped" in resumed.stdout
     assert re.search(r"plan: rlhf\s+resume", resumed.stdout)
