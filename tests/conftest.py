@@ -88,6 +88,23 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
     return proc
 
 
+def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 900) -> Path:
+    """The first persisted, registered checkpoint of the stage stored under `storage` (Ray Train's run dir)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before a {storage.name} checkpoint appeared:\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        snapshot = storage / "checkpoint_manager_snapshot.json"
+        found = sorted(storage.glob("step_*"))
+        if snapshot.exists() and found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no {storage.name} checkpoint under {storage} in time")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Single-threaded torch for a module of tiny-model tests: one thread is fastest there, and immune to

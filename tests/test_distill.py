@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from avatarforge.stages.distill import (
     step_targets,
     video_mse,
 )
-from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides
+from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides, wait_for_checkpoint
 from tests.wandb_files import read_offline_run
 
 SCALES = {"text": 1.0, "audio": 2.0, "reference": 1.5}
@@ -370,17 +369,6 @@ def test_distill_stage_exports_a_few_step_student(finished_run):
     record = read_offline_run(run_dir / "wandb", "distill")
     assert {"train/distill_mse", "eval/teacher_nfe", "eval/ratio_identity_error", "eval/samples/_type"} <= \
         record["history_keys"]
-
-
-def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before a checkpoint appeared:\n{proc.stdout.read()[-4000:]}")
-        if (storage / "checkpoint_manager_snapshot.json").exists() and any(storage.glob("step_*")):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint under {storage} in time")
 
 
 @pytest.mark.slow

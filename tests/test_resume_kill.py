@@ -10,31 +10,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides
+from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides, wait_for_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 900) -> Path:
-    """The first persisted, registered checkpoint of the stage stored under `storage`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before a {storage.name} checkpoint appeared:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
-        snapshot = storage / "checkpoint_manager_snapshot.json"
-        found = sorted(storage.glob("step_*"))
-        if snapshot.exists() and found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no {storage.name} checkpoint in time")
 
 
 def kill_at_checkpoint(args: list[str], storage: Path) -> None:
