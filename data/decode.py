@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+# PyAV before decord: decord loads its bundled FFmpeg/libvpx with RTLD_GLOBAL, and PyAV's libvpx
+# encoders opened after that bind to the old libvpx and fail (avcodec_open2 EINVAL).
+import av  # noqa: F401
 import decord
 import numpy as np
 import torch

@@ -9,6 +9,8 @@ import io
 import wave
 from fractions import Fraction
 
+# Order matters: decord loads its bundled FFmpeg/libvpx with RTLD_GLOBAL; PyAV loaded after it binds
+# its libvpx encoders to decord's older libvpx (avcodec_open2 EINVAL). Import av first everywhere.
 import av
 import decord
 import numpy as np

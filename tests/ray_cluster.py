@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from avatarforge.cluster.connect import LOOPBACK_ENV
 from tests.conftest import cli_env
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -30,8 +31,11 @@ class LoopbackCluster:
         self.port = free_port()
         self.dashboard_port = free_port()
         # No RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 here: Ray refuses multi-node clusters with it, so the
-        # nodes register this machine's own address (never reachable from outside in tests).
+        # nodes register this machine's own address (never reachable from outside in tests). An earlier
+        # in-process embedded cluster (cluster.connect) leaves it in os.environ, hence the pop.
         self.env = cli_env()
+        for key in LOOPBACK_ENV:
+            self.env.pop(key, None)
         # Token auth on for every node and client, as on a real cluster (Ray 2.60 turns it on for
         # `ray start --head` only; a joining node without the token is refused).
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or secrets.token_hex(16))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +91,18 @@ def test_frame_indices_match_numpy_rounding() -> None:
         times = (start + np.arange(count) * stride) / fps
         expected = np.clip(np.round(times * src).astype(np.int64), 0, n_src - 1).tolist()
         assert _frame_indices(start, count, stride, fps, src, n_src) == expected
+
+
+def test_pyav_libvpx_encoders_still_open_after_the_loader_is_imported(tmp_path) -> None:
+    # decord's bundled libvpx is loaded RTLD_GLOBAL; if it comes first, PyAV's VP9 encoder fails to open.
+    # A fresh interpreter, because this process may already have imported both in either order.
+    code = (
+        "import sys; from pathlib import Path; import avatarforge.data.decode; "
+        "from tests.videos import write_video; "
+        "write_video(Path(sys.argv[1]), codec='libvpx-vp9', width=80, height=64, fps=25, frames=3)"
+    )
+    out = tmp_path / "a.webm"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 0
