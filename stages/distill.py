@@ -12,12 +12,25 @@ the number of batches consumed (the batch carries its phase, so a resumed run is
    states it visits when sampling. The loss is in velocity form: the student's velocity against the
    teacher's mean velocity over the interval (x_T(t_{i+1}) - x_{t_i}) / (t_{i+1} - t_i).
 
-The teacher is the sft stage's exported weights, loaded read-only by every worker: nothing it computes
-depends on training progress, so the stage's state is only the student, optimizer, RNG and batch position,
-and a resumed run gives the same result. DMD2 (distribution matching with a fake-score critic) is not built.
+`method: dmd2` replaces phase 2 with DMD2 (distribution matching distillation, Yin et al. 2024): the trained
+module is a `StudentCritic`, the student plus a fake-score critic (both from the sft weights). Per sample the
+student denoises x_{t_k} (t_k on its schedule; from data or its own rollout, as above: DMD2's backward
+simulation) to x0_hat = x_t - t v_student; x0_hat is re-noised at a random tau and denoised by the guided
+teacher (real) and by the critic's single pass (fake); the student's x0 is pushed along
+(fake - real) / mean|x0_hat - real| (`dmd_generator_loss`). The critic learns the student's distribution:
+flow matching on the detached x0_hat (`critic_loss`, from phase 1 on). The teacher and critic are evaluated
+without gradients in the generator term, and the critic sees only detached samples, so the two terms touch
+disjoint parameters and the trainer's one optimizer updates both at once (each with its own Adam moments).
+`dmd_critic_updates` critic terms (fresh noise each) per step stand in for DMD2's two-time-scale rule;
+`dmd_regression_weight` adds phase 2's trajectory loss as DMD's regression term.
 
-The export is a plain AvatarModel state dict; the stage's options record how to sample it
-(`DistillOptions.sampling()`: `student_steps` Euler steps, every guidance scale 1: a single pass per step).
+The teacher is the sft stage's exported weights, loaded read-only by every worker: nothing it computes
+depends on training progress, so the stage's state is only the student (and critic), optimizer, RNG and
+batch position, and a resumed run gives the same result.
+
+The export is a plain AvatarModel state dict (with dmd2: the student's alone; checkpoints keep both); the
+stage's options record how to sample it (`DistillOptions.sampling()`: `student_steps` Euler steps, every
+guidance scale 1: a single pass per step).
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from torch import nn
 
 from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.avatar import AvatarModel
-from avatarforge.model.flow import interpolate, sample_timesteps, sampling_timesteps
+from avatarforge.model.flow import flow_matching_loss, interpolate, sample_timesteps, sampling_timesteps
 from avatarforge.model.guidance import guided_velocity
 from avatarforge.stages.avatar import SFTOptions, SFTTask
 from avatarforge.stages.common import parent_of_kind, typed
@@ -49,6 +62,7 @@ from avatarforge.stages.quality import (
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], t [B]) -> velocity
 # oracle scores compared between teacher and student; True: higher is better
 SCORES = {"lipsync_corr": True, "identity_error": False, "behaviour_error": False}
+METHODS = ("trajectory", "dmd2")
 
 
 @dataclass
@@ -62,6 +76,10 @@ class DistillOptions:
     student_steps: int = 4
     guidance_batches: int = 20  # batches (micro batches) of phase 1 before step distillation starts
     rollout_fraction: float = 0.5  # phase-2 starts taken from the student's own rollout (else from data)
+    # phase 2: "trajectory" (step distillation) or "dmd2" (distribution matching with a fake-score critic)
+    method: str = "trajectory"
+    dmd_critic_updates: int = 1  # dmd2: critic flow-matching terms (fresh noise each) per generator term
+    dmd_regression_weight: float = 0.0  # dmd2: weight of the trajectory step loss added as regression term
     # evaluation: held-out 9-frame clips for the step-distillation error; whole held-out clips' speech
     # (windowed) given to the sft identities for the teacher / student comparison
     eval_clips: int = 4
@@ -74,15 +92,28 @@ class DistillOptions:
         """How the exported student samples: `student_steps` steps, guidance baked in (all scales 1)."""
         return {"steps": self.student_steps, "guidance_text": 1.0, "guidance_audio": 1.0, "guidance_ref": 1.0}
 
+    def validate(self) -> list[str]:
+        errors = []
+        if self.student_steps < 1 or self.teacher_steps < self.student_steps or self.teacher_steps % self.student_steps:
+            errors.append(f"teacher_steps: must be a multiple of student_steps ({self.student_steps}) >= 1, "
+                          f"got {self.teacher_steps}")
+        if not 0.0 <= self.rollout_fraction <= 1.0:
+            errors.append(f"rollout_fraction: must be in [0, 1], got {self.rollout_fraction}")
+        if self.guidance_batches < 0:
+            errors.append(f"guidance_batches: must be >= 0, got {self.guidance_batches}")
+        if self.method not in METHODS:
+            errors.append(f"method: must be one of {METHODS}, got {self.method!r}")
+        if self.dmd_critic_updates < 1:
+            errors.append(f"dmd_critic_updates: must be >= 1, got {self.dmd_critic_updates}")
+        if self.dmd_regression_weight < 0:
+            errors.append(f"dmd_regression_weight: must be >= 0, got {self.dmd_regression_weight}")
+        return errors
+
 
 def check_options(o: DistillOptions) -> None:
-    if o.student_steps < 1 or o.teacher_steps < o.student_steps or o.teacher_steps % o.student_steps:
-        raise ValueError(f"distill: teacher_steps ({o.teacher_steps}) must be a multiple of student_steps "
-                         f"({o.student_steps}) >= 1")
-    if not 0.0 <= o.rollout_fraction <= 1.0:
-        raise ValueError(f"distill: rollout_fraction must be in [0, 1], got {o.rollout_fraction}")
-    if o.guidance_batches < 0:
-        raise ValueError(f"distill: guidance_batches must be >= 0, got {o.guidance_batches}")
+    errors = o.validate()
+    if errors:
+        raise ValueError("distill: " + "; ".join(errors))
 
 
 def phase_of(batch_index: int, guidance_batches: int) -> int:
@@ -144,11 +175,20 @@ def step_targets(teacher: VelocityFn, x_start: torch.Tensor, t_from: torch.Tenso
     return (x_end - x_start) / _bcast(t_to - t_from, x_start)
 
 
-def step_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, *, student_steps: int,
-              teacher_steps: int, rollout_fraction: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Phase 2: per sample a random interval i of the student's schedule; x_{t_i} from data interpolation or
-    the student's own rollout from noise; the student's velocity at (x_{t_i}, t_i) against step_targets."""
+@dataclass
+class ScheduleStart:
+    """Where a phase-2 student step starts: per sample an interval of the student's schedule."""
+
+    x: torch.Tensor  # x_{t_i}
+    t_from: torch.Tensor  # t_i [B]
+    t_to: torch.Tensor  # t_{i+1} [B]
+    from_rollout: torch.Tensor  # [B] bool
+
+
+def schedule_start(student: VelocityFn, x0: torch.Tensor, *, student_steps: int, rollout_fraction: float,
+                   generator: torch.Generator | None = None) -> ScheduleStart:
+    """Per sample a random interval i of the student's schedule; x_{t_i} from data interpolation or (with
+    probability rollout_fraction) the student's own rollout from noise (no gradients)."""
     b = x0.shape[0]
     times = sampling_timesteps(student_steps, device=x0.device)
     interval = (_draw(torch.rand, (b,), generator, x0) * student_steps).long().clamp_max(student_steps - 1)
@@ -159,10 +199,77 @@ def step_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, *, stu
     if bool(from_rollout.any()):
         rolled = rollout(student, noise, torch.where(from_rollout, interval, 0), times)
         x_start = torch.where(_bcast(from_rollout.float(), x0) > 0, rolled, x_start)
-    target = step_targets(teacher, x_start, t_from, t_to, teacher_steps // student_steps)
-    loss = (student(x_start, t_from).float() - target.float()).pow(2).mean()
-    return loss, {"distill_mse": loss.detach(), "t_mean": t_from.mean(),
-                  "rollout_share": from_rollout.float().mean()}
+    return ScheduleStart(x_start, t_from, t_to, from_rollout)
+
+
+def step_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, *, student_steps: int,
+              teacher_steps: int, rollout_fraction: float,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Phase 2: at a schedule_start (x_{t_i}, t_i), the student's velocity against step_targets."""
+    start = schedule_start(student, x0, student_steps=student_steps, rollout_fraction=rollout_fraction,
+                           generator=generator)
+    target = step_targets(teacher, start.x, start.t_from, start.t_to, teacher_steps // student_steps)
+    loss = (student(start.x, start.t_from).float() - target.float()).pow(2).mean()
+    return loss, {"distill_mse": loss.detach(), "t_mean": start.t_from.mean(),
+                  "rollout_share": start.from_rollout.float().mean()}
+
+
+# -- DMD2 ---------------------------------------------------------------------------------------------
+
+
+class StudentCritic(nn.Module):
+    """dmd2's trained module: the few-step student and the fake-score critic that models its samples.
+    Disjoint parameters; only the student is exported."""
+
+    def __init__(self, student: nn.Module, critic: nn.Module) -> None:
+        super().__init__()
+        self.student, self.critic = student, critic
+
+
+def student_of(model: nn.Module) -> nn.Module:
+    return model.student if isinstance(model, StudentCritic) else model
+
+
+def student_x0(student: VelocityFn, x0: torch.Tensor, *, student_steps: int, rollout_fraction: float,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's one-pass x0 prediction x0_hat = x_t - t v_student(x_t, t) at a schedule_start (with
+    gradients into the student): the generated sample DMD matches to the teacher's distribution."""
+    start = schedule_start(student, x0, student_steps=student_steps, rollout_fraction=rollout_fraction,
+                           generator=generator)
+    x0_hat = start.x - _bcast(start.t_from, start.x) * student(start.x, start.t_from).to(start.x.dtype)
+    return x0_hat, {"t_mean": start.t_from.mean(), "rollout_share": start.from_rollout.float().mean()}
+
+
+def dmd_generator_loss(x0_hat: torch.Tensor, teacher: VelocityFn, critic: VelocityFn,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DMD's distribution-matching term on the student's samples x0_hat: re-noised at a random tau, the
+    guided teacher's denoised x0 (real score) and the critic's (fake score, its single pass) give the
+    per-sample direction (fake - real) / mean|x0_hat - real|; loss 0.5 * mse(x0_hat, (x0_hat - grad).detach())
+    has exactly that gradient (/ numel) with respect to x0_hat. Teacher and critic get no gradients."""
+    b = x0_hat.shape[0]
+    tau = sample_timesteps(b, generator, device=x0_hat.device)
+    eps = _draw(torch.randn, tuple(x0_hat.shape), generator, x0_hat).to(x0_hat.dtype)
+    with torch.no_grad():
+        sample = x0_hat.detach()
+        x_tau = interpolate(sample, eps, tau)
+        real = x_tau - _bcast(tau, x_tau) * teacher(x_tau, tau).to(x_tau.dtype)
+        fake = x_tau - _bcast(tau, x_tau) * critic(x_tau, tau).to(x_tau.dtype)
+        scale = (sample - real).abs().float().flatten(1).mean(1).clamp_min(1e-6)
+        grad = (fake - real).float() / _bcast(scale, real).float()
+    target = (x0_hat.float() - grad).detach()
+    loss = 0.5 * (x0_hat.float() - target).pow(2).mean()
+    return loss, {"dmd_gen": loss.detach(), "dmd_grad_abs": grad.abs().mean(),
+                  "dmd_real_fake_gap": (fake - real).abs().float().mean(), "tau_mean": tau.mean()}
+
+
+def critic_loss(critic: VelocityFn, samples: torch.Tensor, *, updates: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fake-score critic's flow-matching loss on the student's samples (detached: no gradient reaches
+    the student), averaged over `updates` draws of (t, noise)."""
+    samples = samples.detach()
+    losses = [flow_matching_loss(critic, samples, generator=generator)[0] for _ in range(updates)]
+    loss = torch.stack(losses).mean()
+    return loss, {"dmd_critic": loss.detach()}
 
 
 def model_conditions(model: nn.Module, batch: dict[str, Any], ref_latents: torch.Tensor,
@@ -189,7 +296,8 @@ def velocity_fn(model: nn.Module, cond: dict[str, Any], scales: dict[str, float]
 
 
 class DistillTask(SFTTask):
-    """Student = a plain AvatarModel (full fine-tuning) from the sft weights; teacher = the same weights, frozen.
+    """Student = a plain AvatarModel (full fine-tuning) from the sft weights; teacher = the same weights, frozen;
+    with dmd2 the trained module is a StudentCritic (student and critic both from the sft weights).
     Data (the sft stage's identities' clips) and held-out prompts as in personality_sft."""
 
     options_type = DistillOptions
@@ -205,13 +313,21 @@ class DistillTask(SFTTask):
     # -- model --------------------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
-        return AvatarModel(self.text_cfg, self.dit_cfg, self.audio_cfg)
+        student = AvatarModel(self.text_cfg, self.dit_cfg, self.audio_cfg)
+        if self.options.method != "dmd2":
+            return student
+        return StudentCritic(student, AvatarModel(self.text_cfg, self.dit_cfg, self.audio_cfg))
 
     def init_from_parents(self, model: nn.Module) -> None:
-        model.load_state_dict(load_file(parent_of_kind(self.args, "personality_sft")))
+        state = load_file(parent_of_kind(self.args, "personality_sft"))
+        for part in (model.student, model.critic) if isinstance(model, StudentCritic) else (model,):
+            part.load_state_dict(state)
 
     def export_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(state)  # already a plain AvatarModel (SFTTask's would look for LoRA adapters)
+        """A plain AvatarModel (SFTTask's would look for LoRA adapters): with dmd2 the student's weights."""
+        if not isinstance(model, StudentCritic):
+            return dict(state)
+        return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
 
     def _teacher(self, device: torch.device) -> AvatarModel:
         return self.teacher.to(device)
@@ -238,29 +354,56 @@ class DistillTask(SFTTask):
 
     # -- training -----------------------------------------------------------------------------------
 
-    def velocity_fns(self, model: nn.Module, batch: dict[str, Any],
-                     x0: torch.Tensor) -> tuple[VelocityFn, VelocityFn]:
-        """(student, teacher) velocity functions for this batch's conditions: the student's single
-        conditional pass (gradients flow into its encoders too), the teacher's guided velocity."""
+    def velocity_fns(self, batch: dict[str, Any], x0: torch.Tensor,
+                     *models: nn.Module) -> tuple[VelocityFn, list[VelocityFn]]:
+        """The teacher's guided velocity function for this batch's conditions, and each model's single
+        conditional pass (gradients flow into its encoders too)."""
         teacher = self._teacher(x0.device)
         ref = self.autoencoder.encode(batch["reference"])
-        s_cond = model_conditions(model, batch, ref, x0.shape[2])
+        fns = [velocity_fn(m, model_conditions(m, batch, ref, x0.shape[2])) for m in models]
         with torch.no_grad():
             t_cond = model_conditions(teacher, batch, ref, x0.shape[2])
-        return velocity_fn(model, s_cond), velocity_fn(teacher, t_cond, self.options.teacher_scales())
+        return velocity_fn(teacher, t_cond, self.options.teacher_scales()), fns
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = self.autoencoder.encode(batch["video"])
-        student, teacher = self.velocity_fns(model, batch, x0)
         o = self.options
-        if batch["phase"] == 1:
-            loss, metrics = guidance_loss(student, teacher, x0)
+        if isinstance(model, StudentCritic):
+            loss, metrics = self.dmd_loss(model, batch, x0)
         else:
-            loss, metrics = step_loss(student, teacher, x0, student_steps=o.student_steps,
-                                      teacher_steps=o.teacher_steps, rollout_fraction=o.rollout_fraction)
+            teacher, (student,) = self.velocity_fns(batch, x0, model)
+            if batch["phase"] == 1:
+                loss, metrics = guidance_loss(student, teacher, x0)
+            else:
+                loss, metrics = step_loss(student, teacher, x0, student_steps=o.student_steps,
+                                          teacher_steps=o.teacher_steps, rollout_fraction=o.rollout_fraction)
         out = {f"train/{k}": float(v) for k, v in metrics.items()}
         out["train/phase"] = float(batch["phase"])
         return loss, out
+
+    def dmd_loss(self, model: StudentCritic, batch: dict[str, Any],
+                 x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """dmd2: the student's term (phase 1: guidance distillation; phase 2: DMD's distribution matching,
+        plus the trajectory loss as regression term if weighted) + the critic's flow matching on the
+        student's detached samples (both phases, so the critic follows the student from the start)."""
+        o = self.options
+        teacher, (student, critic) = self.velocity_fns(batch, x0, model.student, model.critic)
+        sampling = {"student_steps": o.student_steps, "rollout_fraction": o.rollout_fraction}
+        if batch["phase"] == 1:
+            loss, metrics = guidance_loss(student, teacher, x0)
+            with torch.no_grad():
+                x0_hat, _ = student_x0(student, x0, **sampling)
+        else:
+            x0_hat, metrics = student_x0(student, x0, **sampling)
+            loss, gen_metrics = dmd_generator_loss(x0_hat, teacher, critic)
+            metrics.update(gen_metrics)
+            if o.dmd_regression_weight > 0:
+                regression, reg_metrics = step_loss(student, teacher, x0, teacher_steps=o.teacher_steps, **sampling)
+                loss = loss + o.dmd_regression_weight * regression
+                metrics["distill_mse"] = reg_metrics["distill_mse"]
+        fake, critic_metrics = critic_loss(critic, x0_hat, updates=o.dmd_critic_updates)
+        metrics.update(critic_metrics)
+        return loss + fake, metrics
 
     # -- evaluation ---------------------------------------------------------------------------------
 
@@ -295,6 +438,7 @@ class DistillTask(SFTTask):
         student's oracle-preference win rate over the teacher (0.5: as good), and the pixel MSE of the
         student's videos to the teacher's, against the sft model's own at the student's budget (one pass,
         student_steps) as the baseline. Sample videos: teacher above, student below."""
+        model = student_of(model)  # dmd2: the critic only trains
         device = next(model.parameters()).device
         teacher, o = self._teacher(device), self.options
         out: dict[str, Any] = self.heldout_step_mse(model, teacher)
@@ -343,4 +487,5 @@ def build_task(args: dict[str, Any]) -> DistillTask:
 
 
 __all__ = ["DistillOptions", "DistillTask", "build_task", "phase_of", "integrate", "rollout", "guidance_loss",
-           "step_targets", "step_loss", "model_conditions", "velocity_fn", "ratio", "video_mse"]
+           "step_targets", "schedule_start", "step_loss", "StudentCritic", "student_of", "student_x0",
+           "dmd_generator_loss", "critic_loss", "model_conditions", "velocity_fn", "ratio", "video_mse"]
