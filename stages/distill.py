@@ -21,8 +21,9 @@ teacher (real) and by the critic's single pass (fake); the student's x0 is pushe
 flow matching on the detached x0_hat (`critic_loss`, from phase 1 on). The teacher and critic are evaluated
 without gradients in the generator term, and the critic sees only detached samples, so the two terms touch
 disjoint parameters and the trainer's one optimizer updates both at once (each with its own Adam moments).
-`dmd_critic_updates` critic terms (fresh noise each) per step stand in for DMD2's two-time-scale rule;
-`dmd_regression_weight` adds phase 2's trajectory loss as DMD's regression term.
+`dmd_critic_updates` critic terms (fresh noise each, averaged) per step stand in for DMD2's two-time-scale
+rule: with one optimizer they give the critic a less noisy gradient, not more steps (Adam's step size does
+not scale with the loss). `dmd_regression_weight` adds phase 2's trajectory loss as DMD's regression term.
 
 The teacher is the sft stage's exported weights, loaded read-only by every worker: nothing it computes
 depends on training progress, so the stage's state is only the student (and critic), optimizer, RNG and
