@@ -1,14 +1,17 @@
 """Loader throughput (clips/s) vs raw decord decode of the same clips, measured in one run.
 
 Raw = the floor of the work: decord opens each clip's mp4 bytes (already in memory) and decodes the same
-number of frames from a random start, nothing else. Loader = `build_train_loader` end to end (tar reading,
-mp4 + wav + json decode, crop, tensors, collate) with num_workers=0 and no identity references, so both
-decode the same frames on one core and the ratio is the pipeline's overhead. Raw and loader alternate
-every 2 batches, so a busy shared machine slows both alike; the table shows medians over rounds. Each side
-is timed twice: wall clock, and this process's CPU time (all its threads: decord decodes in a thread of
-its own). On a machine shared with other jobs the CPU-time ratio is the steadier one, since time spent
-descheduled counts in neither. For information it also measures the loader with DataLoader workers and
-with references (the training defaults). Usage:
+number of frames from a random start into uint8 [T, H, W, 3], nothing else. Loader = `build_train_loader`
+end to end (tar reading, mp4 + wav + json decode, crop, tensors, collate) with num_workers=0 and no
+identity references, so both decode the same frames on one core and the ratio is the pipeline's overhead.
+It is measured twice: as configured by default, delivering float video [B, 3, T, S, S] in [-1, 1]; and
+with data.video_uint8, delivering the same frames as uint8 [B, 3, T, S, S], the float conversion left to
+the trainer, which does it on its device after the host-to-device copy (data/pixels.py; not timed here).
+Raw and the two loaders alternate every 2 batches, so a busy shared machine slows all alike; the table
+shows medians over rounds. Each side is timed twice: wall clock, and this process's CPU time (all its
+threads: decord decodes in a thread of its own). On a machine shared with other jobs the CPU-time ratio is
+the steadier one, since time spent descheduled counts in neither. For information it also measures the
+loader with DataLoader workers and with references (the training defaults). Usage:
 
     .venv/bin/python benchmarks/loader_throughput.py [--root DIR] [--clips 192] [--rounds 3] [--workers 2]
 
@@ -62,26 +65,29 @@ def _clock() -> np.ndarray:
     return np.array([time.perf_counter(), time.process_time()])
 
 
-def interleaved(cfg: DataConfig, mp4s: list[bytes], *, clips: int, batch: int, seed: int,
-                chunk: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(raw, loader) clips/s as [by wall clock, per CPU second], timed in alternating chunks of `chunk`
-    batches so background load on a shared machine lands on both sides alike. The loader's first batch is
-    not timed."""
-    loader = iter(build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=seed))
-    next(loader)
-    raw = RawDecoder(mp4s, cfg.frames, seed)
-    raw_s, load_s = np.zeros(2), np.zeros(2)
+def interleaved(cfgs: list[DataConfig], mp4s: list[bytes], *, clips: int, batch: int, seed: int,
+                chunk: int = 2) -> list[np.ndarray]:
+    """Clips/s as [by wall clock, per CPU second] of raw decoding, then of a loader per config, timed in
+    alternating chunks of `chunk` batches so background load on a shared machine lands on all alike.
+    A loader's first batch is not timed."""
+    loaders = [iter(build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=seed)) for cfg in cfgs]
+    for loader in loaders:
+        next(loader)
+    raw = RawDecoder(mp4s, cfgs[0].frames, seed)
+    spent = [np.zeros(2) for _ in range(1 + len(loaders))]
     done = 0
     while done < clips:
         t0 = _clock()
-        for _ in range(chunk):
-            next(loader)
-        t1 = _clock()
         for _ in range(chunk * batch):
             raw.clip()
-        t2 = _clock()
-        load_s, raw_s, done = load_s + t1 - t0, raw_s + t2 - t1, done + chunk * batch
-    return done / raw_s, done / load_s
+        spent[0] += _clock() - t0
+        for i, loader in enumerate(loaders, start=1):
+            t0 = _clock()
+            for _ in range(chunk):
+                next(loader)
+            spent[i] += _clock() - t0
+        done += chunk * batch
+    return [done / s for s in spent]
 
 
 def loader_rate(cfg: DataConfig, clips: int, batch: int, seed: int) -> float:
@@ -110,18 +116,22 @@ def measure(root: str, opts: argparse.Namespace) -> None:
     # (the loader's reference cache) can leave forked workers hanging inside decord.
     parallel = loader_rate(replace(defaults, num_workers=opts.workers), opts.clips, opts.batch, seed=0)
     cfg = replace(defaults, num_workers=0, reference_frames=0)
+    cfgs = [cfg, replace(cfg, video_uint8=True)]
     mp4s = train_mp4s(cfg)
-    rounds = [interleaved(cfg, mp4s, clips=opts.clips, batch=opts.batch, seed=r) for r in range(opts.rounds)]
+    rounds = [interleaved(cfgs, mp4s, clips=opts.clips, batch=opts.batch, seed=r) for r in range(opts.rounds)]
     with_refs = loader_rate(replace(defaults, num_workers=0), opts.clips, opts.batch, seed=0)
-    raw, load = (np.median([r[i] for r in rounds], axis=0) for i in (0, 1))  # [wall, cpu] each
-    ratio = np.median([load_r / raw_r for raw_r, load_r in rounds], axis=0)
+    raw, load, load_u8 = (np.median([r[i] for r in rounds], axis=0) for i in range(3))  # [wall, cpu] each
+    ratio, ratio_u8 = (np.median([r[i] / r[0] for r in rounds], axis=0) for i in (1, 2))
     print(f"\n{len(mp4s)} train clips of {index.get('frames_per_clip', '?')} frames at {size} px; "
           f"{opts.frames}-frame crops, batch {opts.batch}, {opts.clips} clips per round, "
           f"median of {opts.rounds} rounds")
     print("\n| measure | clips/s (wall) | clips per CPU second |\n|---|---|---|")
-    print(f"| raw decord decode, 1 process | {raw[0]:.1f} | {raw[1]:.1f} |")
-    print(f"| loader, num_workers=0 | {load[0]:.1f} | {load[1]:.1f} |")
-    print(f"| ratio loader / raw (target >= 0.9) | {ratio[0]:.2f} | {ratio[1]:.2f} |")
+    print(f"| raw decord decode (uint8 frames), 1 process | {raw[0]:.1f} | {raw[1]:.1f} |")
+    print(f"| loader, num_workers=0, float video (default) | {load[0]:.1f} | {load[1]:.1f} |")
+    print(f"| loader, num_workers=0, data.video_uint8 (float on the trainer's device) "
+          f"| {load_u8[0]:.1f} | {load_u8[1]:.1f} |")
+    print(f"| ratio loader / raw, float video (target >= 0.9) | {ratio[0]:.2f} | {ratio[1]:.2f} |")
+    print(f"| ratio loader / raw, video_uint8 (target >= 0.9) | {ratio_u8[0]:.2f} | {ratio_u8[1]:.2f} |")
     print(f"| loader, num_workers=0, with identity references (info) | {with_refs:.1f} | |")
     print(f"| loader, num_workers={opts.workers}, with references (info; workers share the cores) "
           f"| {parallel:.1f} | |")

@@ -34,6 +34,12 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 16  # per-shard-visit shuffle buffer (samples); 0 or 1 keeps tar order
     max_bad_fraction: float = 0.05  # past this share of skipped samples the loader raises, naming the shards
+    # train batches' video / reference as uint8 [B, 3, T, size, size] (0..255), converted to float [-1, 1]
+    # by the trainer after moving the batch to its device (pixels.float_video; the same values): a quarter
+    # of the bytes through the DataLoader and the conversion on the accelerator. For GPU training; on a
+    # CPU it moves the conversion from DataLoader workers into the training step. Batches whose frames
+    # need a resize (dataset size != size) stay float; eval batches are always float.
+    video_uint8: bool = False
     # identity references (datasets whose index lists them): batch["reference"] [B, 3, reference_frames,
     # size, size] taken every reference_stride frames from the identity's reference record (random
     # start in training, frame 0 in eval), and batch["reference_audio"] covering the same span.

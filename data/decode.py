@@ -1,8 +1,9 @@
 """Raw sample bytes -> training arrays: decord video crop, aligned wav window, tokenized caption.
 
 A decoded sample keeps its frames as decord's uint8 [T, H, W, 3]; `collate` converts a whole batch to
-float (crop, resize, scale) in one pass, which costs less than converting clip by clip. Identity
-references are decoded once per identity and process (all frames, when they fit a memory budget) and
+float (crop, resize, scale) in one pass, which costs less than converting clip by clip (or, for a train
+loader with data.video_uint8, only crops to channels-first uint8: the trainer converts on its device).
+Identity references are decoded once per identity and process (all frames, when they fit a memory budget) and
 cached, since every clip of the identity reads a window of the same record.
 
 Only our own decoders touch shard bytes (json, wav, mp4); nothing from a shard is ever unpickled.
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from pydantic_core import from_json
 
 from .media import decode_wav, open_video, resample_audio
+from .pixels import to_unit
 from .seeding import derive_seed
 from .stream import REFERENCES, reference_for
 from .tokenizer import encode_text
@@ -89,22 +91,34 @@ def _frame_indices(start: int, count: int, stride: int, fps: float, src_fps: flo
     return [min(max(round((start + i * stride) / fps * src_fps), 0), n_src - 1) for i in range(count)]
 
 
-def video_batch(clips: list[np.ndarray], size: int) -> torch.Tensor:
+def video_batch(clips: list[np.ndarray], size: int, *, uint8: bool = False) -> torch.Tensor:
     """uint8 clips [T, H, W, 3] -> float32 [B, 3, T, size, size] in [-1, 1]; non-square frames are
-    centre-cropped, other sizes resized (bilinear, antialiased)."""
+    centre-cropped, other sizes resized (bilinear, antialiased).
+
+    uint8=True: the same frames left as uint8 [B, 3, T, size, size] (0..255) for the consumer to convert
+    (pixels.float_video), when no clip needs a resize; a batch that does is float as above. Square frames
+    come as a channels-first view of the decoded [B, T, size, size, 3] (dense, not contiguous: a copy to
+    the device keeps its layout and the conversion there makes it contiguous).
+    """
+    if uint8 and any(min(c.shape[1:3]) != size for c in clips):
+        uint8 = False  # resizing works in float: this batch is delivered converted
     if len({c.shape for c in clips}) > 1:  # mixed geometry (rare): convert clip by clip
-        return torch.cat([video_batch([c], size) for c in clips])
+        return torch.cat([video_batch([c], size, uint8=uint8) for c in clips])
     t, h, w, _ = clips[0].shape
+    if uint8 and h == w:  # nothing to crop: the frames as decoded, viewed channels-first (no transpose copy)
+        return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3)
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     # Per clip, while its bytes are in cache: crop and go channels-first in uint8 (a quarter of the bytes
     # of float), then x / 127.5 - 1 with numpy ufuncs straight into the batch. Measured ~1.5-2x faster than
     # torch's float() / div_ / sub_ over the stacked batch; the values are the same bits.
-    x = np.empty((len(clips), 3, t, side, side), dtype=np.float32)
+    x = np.empty((len(clips), 3, t, side, side), dtype=np.uint8 if uint8 else np.float32)
     for i, clip in enumerate(clips):
-        planar = np.ascontiguousarray(clip[:, top : top + side, left : left + side, :].transpose(3, 0, 1, 2))
-        np.divide(planar, np.float32(127.5), out=x[i], dtype=np.float32)
-        np.subtract(x[i], np.float32(1.0), out=x[i])
+        planar = clip[:, top : top + side, left : left + side, :].transpose(3, 0, 1, 2)
+        if uint8:
+            x[i] = planar
+        else:
+            to_unit(np.ascontiguousarray(planar), x[i])
     if side == size:
         return torch.from_numpy(x)
     y = torch.from_numpy(x).transpose(1, 2).reshape(len(clips) * t, 3, side, side)
@@ -325,10 +339,11 @@ def decode_reference(
     return frames, window
 
 
-def collate(samples: list[dict[str, Any]], skipped: int, size: int) -> dict[str, Any]:
-    """Decoded samples -> a batch (video and reference converted to float here, once per batch)."""
+def collate(samples: list[dict[str, Any]], skipped: int, size: int, *, uint8: bool = False) -> dict[str, Any]:
+    """Decoded samples -> a batch (video and reference converted to float here, once per batch; or, with
+    uint8=True, left as uint8 for the trainer to convert, see video_batch)."""
     batch = {
-        "video": video_batch([s["frames"] for s in samples], size),
+        "video": video_batch([s["frames"] for s in samples], size, uint8=uint8),
         "audio": torch.from_numpy(np.stack([s["audio"] for s in samples])),
         "text": torch.from_numpy(np.stack([s["text"] for s in samples])),
         "text_mask": torch.from_numpy(np.stack([s["text_mask"] for s in samples])),
@@ -339,6 +354,6 @@ def collate(samples: list[dict[str, Any]], skipped: int, size: int) -> dict[str,
         "skipped": skipped,
     }
     if all("reference_frames" in s for s in samples):
-        batch["reference"] = video_batch([s["reference_frames"] for s in samples], size)
+        batch["reference"] = video_batch([s["reference_frames"] for s in samples], size, uint8=uint8)
         batch["reference_audio"] = torch.from_numpy(np.stack([s["reference_audio"] for s in samples]))
     return batch

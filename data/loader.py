@@ -16,12 +16,14 @@ Resume is exact for the same (dataset, seed, batch_size, world_size, num_workers
 any of them changes the stream. `identities` selects chosen identities' samples at the stream level
 (selection.py): the selected samples form the stream, so seeking past consumed batches stays arithmetic.
 
-A batch: video [B, 3, T, H, W] float in [-1, 1], audio [B, S], text / text_mask [B, L], key, identity,
-skipped, and per-sample ground truth for the oracle (identity_params: the json's dict, phonemes: the
-crop's phoneme timeline; None where a clip has none); for datasets whose index lists identity references (the synthetic world), also reference
-[B, 3, Tr, H, W] (Tr = data.reference_frames, data.reference_stride frames apart, another scene of the
-same identity) and reference_audio [B, Sr] over the same span. References live once per identity and
-shard (see synth/generate.py) and are attached while streaming, so resume arithmetic never sees them.
+A batch: video [B, 3, T, H, W] float in [-1, 1] (train batches with data.video_uint8: uint8 0..255,
+converted by the trainer on its device, see pixels.py; eval batches are always float), audio [B, S], text /
+text_mask [B, L], key, identity, skipped, and per-sample ground truth for the oracle (identity_params: the
+json's dict, phonemes: the crop's phoneme timeline; None where a clip has none); for datasets whose index
+lists identity references (the synthetic world), also reference [B, 3, Tr, H, W] (Tr =
+data.reference_frames, data.reference_stride frames apart, another scene of the same identity) and
+reference_audio [B, Sr] over the same span. References live once per identity and shard (see
+synth/generate.py) and are attached while streaming, so resume arithmetic never sees them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class _StreamSpec:
     start_batch: int
     shuffle_buffer: int
     max_bad_fraction: float
+    video_uint8: bool = False
 
 
 def _decode_stage(
@@ -95,7 +98,9 @@ def _decode_stage(
         yield sample
 
 
-def _batch_stage(items: Iterator[dict[str, Any] | None], *, batch_size: int, size: int) -> Iterator[Batch]:
+def _batch_stage(
+    items: Iterator[dict[str, Any] | None], *, batch_size: int, size: int, uint8: bool
+) -> Iterator[Batch]:
     """Each batch consumes exactly batch_size stream positions (see module docstring)."""
     ahead: deque[dict[str, Any] | None] = deque()  # decoded but not yet consumed (lookahead)
 
@@ -111,7 +116,7 @@ def _batch_stage(items: Iterator[dict[str, Any] | None], *, batch_size: int, siz
             ahead.append(nxt)
             if nxt is not None:
                 good = [nxt]
-        yield collate([good[i % len(good)] for i in range(batch_size)], skipped, size)
+        yield collate([good[i % len(good)] for i in range(batch_size)], skipped, size, uint8=uint8)
 
 
 class _SlotDataset(IterableDataset):
@@ -140,7 +145,7 @@ class _SlotDataset(IterableDataset):
             partial(visit_samples, urls=spec.urls, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer,
                     keys=spec.keys, references=spec.clip.reference_frames > 0),
             partial(_decode_stage, clip=spec.clip, seed=spec.seed, health=health),
-            partial(_batch_stage, batch_size=spec.batch_size, size=spec.clip.size),
+            partial(_batch_stage, batch_size=spec.batch_size, size=spec.clip.size, uint8=spec.video_uint8),
         )
         return iter(pipeline)
 
@@ -254,6 +259,7 @@ def build_train_loader(
             start_batch=start_batch,
             shuffle_buffer=int(cfg.shuffle_buffer),
             max_bad_fraction=float(cfg.max_bad_fraction),
+            video_uint8=bool(cfg.video_uint8),
         )
     )
 

@@ -106,3 +106,28 @@ def test_pyav_libvpx_encoders_still_open_after_the_loader_is_imported(tmp_path) 
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+def test_uint8_video_converts_later_to_the_same_bits() -> None:
+    from avatarforge.data.pixels import _looked_up, float_video, unit_video
+
+    every = torch.arange(256, dtype=torch.uint8)
+    expected = (every.float() / 127.5 - 1.0)  # what video_batch's float path gives (see above)
+    assert torch.equal(unit_video(every), expected) and torch.equal(_looked_up(every), expected)  # cpu, table
+    rng = np.random.default_rng(3)
+    square = [rng.integers(0, 256, size=(5, 16, 20, 3), dtype=np.uint8) for _ in range(3)]
+    raw = video_batch(square, 16, uint8=True)  # centre crop, no resize: stays uint8, channels-first
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 5, 16, 16) and raw.is_contiguous()
+    assert torch.equal(unit_video(raw), video_batch(square, 16))
+    cropped = [c[:, :, 2:18] for c in square]  # square frames: a channels-first view of the decoded ones
+    view = video_batch(cropped, 16, uint8=True)
+    assert view.shape == (3, 3, 5, 16, 16) and not view.is_contiguous()
+    for convert in (unit_video, _looked_up):
+        assert convert(view).is_contiguous() and torch.equal(convert(view), video_batch(square, 16))
+    assert video_batch(square, 8, uint8=True).dtype == torch.float32  # a resize works in float
+    mixed = video_batch([square[0][:, :, 2:18], square[1]], 16, uint8=True)  # one pre-cropped
+    assert mixed.dtype == torch.uint8 and torch.equal(unit_video(mixed), video_batch([square[0], square[1]], 16))
+    batch = {"video": raw, "reference": raw[:, :, :2], "audio": torch.zeros(3, 4), "key": ["a", "b", "c"]}
+    out = float_video(batch)
+    assert out["video"].dtype == out["reference"].dtype == torch.float32 and out["audio"] is batch["audio"]
+    assert float_video(out) is out  # float batches (and anything else) pass through

@@ -456,3 +456,23 @@ def test_sft_stream_uses_the_identity_filter(mixed_root: Path) -> None:
     assert all(set(b) == set(BATCH_KEYS) and b["video"].shape[0] == 2 for b in full)
     resumed = next(iter(task.train_batches(rank=0, world_size=1, start_batch=4)))
     assert all(torch.equal(resumed[k], full[4][k]) for k in BATCH_KEYS)
+
+
+def test_video_uint8_defers_the_float_conversion_to_the_trainer(root: Path) -> None:
+    from avatarforge.data.pixels import float_video
+    from avatarforge.train.runtime import to_device
+
+    def first(**kw):
+        return next(iter(build_train_loader(_cfg(root, num_workers=0, **kw), batch_size=3, rank=0,
+                                            world_size=1, seed=5)))
+
+    plain, raw = first(), first(video_uint8=True)
+    assert raw["video"].dtype == raw["reference"].dtype == torch.uint8 and raw["key"] == plain["key"]
+    assert raw["video"].shape == plain["video"].shape and raw["reference"].shape == plain["reference"].shape
+    moved = to_device(raw, torch.device("cpu"))  # what the training step does with every batch
+    for name in ("video", "reference"):
+        assert torch.equal(moved[name], plain[name]) and torch.equal(float_video(raw)[name], plain[name])
+    assert torch.equal(moved["audio"], plain["audio"])
+    assert first(video_uint8=True, size=16)["video"].dtype == torch.float32  # resized: converted here
+    evals = build_eval_batches(_cfg(root, video_uint8=True), split="heldout", batch_size=2, max_clips=2)
+    assert evals[0]["video"].dtype == torch.float32  # eval batches are always float

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from avatarforge.atomic import atomic_write
+from avatarforge.data.pixels import float_video
 from avatarforge.train import checkpoint as ckpt_io
 from avatarforge.train.config import TrainConfig
 from avatarforge.train.ema import EMA
@@ -34,12 +35,17 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """A training batch on `device`; uint8 video from the loader (data.video_uint8) becomes float there."""
+    return float_video(_moved(batch, device))
+
+
+def _moved(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: _moved(v, device) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(_moved(v, device) for v in batch)
     return batch
 
 

@@ -101,8 +101,9 @@ class _SplitWriter:
 
         self.close()
         name = SHARD_PATTERN % len(self.shards)
-        # mtime fixed and no encoder: same seed -> byte-identical tar files
-        self._writer = wds.TarWriter(str(self.directory / name), encoder=False, mtime=0.0)
+        # mtime fixed and no encoder: same seed -> byte-identical tar files. An int mtime: tarfile writes a
+        # float one as a pax extended header ahead of every member, a second header for readers to parse
+        self._writer = wds.TarWriter(str(self.directory / name), encoder=False, mtime=0)
         self.shards.append(name)
         self.counts.append(0)
         self.shard_identities.append([])

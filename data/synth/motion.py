@@ -33,7 +33,10 @@ class Motion:
 
     def to_json(self) -> dict[str, list]:
         def r(x: np.ndarray) -> list[float]:
-            return [float(v) for v in x]
+            # the 4 decimals the track was drawn with (see _round), not float32 noise digits
+            # (0.0146 rather than 0.014600000344216824): a third of the json, cheaper to parse, and each
+            # value still converts back to exactly the float32 that was rendered
+            return np.round(x.astype(np.float64), 4).tolist()
 
         return {
             "mouth_open": r(self.mouth_open),
@@ -42,7 +45,7 @@ class Motion:
             "smile": r(self.smile),
             "brow": r(self.brow),
             "eye_open": r(self.eye_open),
-            "head_offset": [[float(x), float(y)] for x, y in zip(self.head_dx, self.head_dy, strict=True)],
+            "head_offset": np.stack([r(self.head_dx), r(self.head_dy)], axis=1).tolist(),
             "blinks": [round(b, 4) for b in self.blinks],
         }
 
