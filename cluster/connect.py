@@ -32,11 +32,13 @@ def connect(address: str = "", *, num_cpus: int = 0, namespace: str = "avatarfor
 
     if ray.is_initialized():
         return {"address": "already-initialized"}
-    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if address:
         # No runtime_env here: inside a Ray job it would clash with the job's own (working_dir, env vars).
         ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
         return {"address": address, "dashboard": ctx.dashboard_url, "embedded": False}
+    if not dashboard:
+        env["worker_process_setup_hook"] = "avatarforge.cluster.connect.quiet_without_dashboard"
     # address="local" always starts a fresh cluster instead of joining a stray one on this machine.
     ctx = ray.init(
         address="local",
@@ -52,6 +54,17 @@ def connect(address: str = "", *, num_cpus: int = 0, namespace: str = "avatarfor
         print(f"[ray] warning: the embedded cluster bound to {node_ip}, not 127.0.0.1 "
               "(ray was imported before prefer_loopback())", flush=True)
     return {"address": ctx.address_info.get("address", "local"), "node_ip": node_ip, "embedded": True}
+
+
+def quiet_without_dashboard() -> None:
+    """Worker setup hook for an embedded cluster started without the dashboard. Ray's state API is served
+    by the dashboard, so Ray Train's placement-group cleaner (a detached actor that frees a crashed
+    controller's placement group) cannot query the controller and warns every second of every stage.
+    An embedded cluster goes away with its driver, placement groups included: keep only its errors."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR)
 
 
 def disconnect() -> None:

@@ -188,12 +188,13 @@ def stage_options(cfg: DictConfig, stage: str) -> Any:
 
 def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]) -> str:
     """Hash of everything that determines a stage's result: its own section, the model parts its kind
-    uses, the data recipe (not where it lives or how many loader workers read it), seed, parents."""
+    uses, the data recipe (not where it lives, how many loader workers read it or whether the float
+    conversion runs in the loader or on the trainer's device: the same values), seed, parents."""
     from avatarforge.stages.registry import KINDS
 
     kind = KINDS[cfg.stages[stage].kind]
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("root", "num_workers"):
+    for key in ("root", "num_workers", "video_uint8"):
         data.pop(key, None)
     model = {}
     for section in kind.model_sections:

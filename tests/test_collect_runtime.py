@@ -53,3 +53,16 @@ def test_dead_actor_is_restarted_and_its_item_retried(ray_local, tmp_path):
     result = run_collect(spec(out, crash_once=True))
     assert (out / "crashed").exists()
     assert result.metrics["total"] == sum(k * k for k in range(5))
+
+
+def test_embedded_cluster_workers_silence_the_cleaner_that_needs_a_dashboard(ray_local):
+    # Without a dashboard Ray Train's placement-group cleaner warns every second of every stage.
+    import logging
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def level() -> int:
+        return logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").level
+
+    assert ray.get(level.remote()) == logging.ERROR

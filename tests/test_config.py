@@ -103,7 +103,8 @@ def test_fingerprint_tracks_what_matters():
     assert h == stage_fingerprint(load_config(TINY), "autoencoder", {})
     # the DiT is not part of the autoencoder stage; where data lives is not part of any result
     assert h == stage_fingerprint(load_config(TINY, ["model.dit.depth=2"]), "autoencoder", {})
-    assert h == stage_fingerprint(load_config(TINY, ["data.root=/elsewhere", "data.num_workers=2"]), "autoencoder", {})
+    moved = ["data.root=/elsewhere", "data.num_workers=2", "data.video_uint8=false"]
+    assert h == stage_fingerprint(load_config(TINY, moved), "autoencoder", {})
     assert h != stage_fingerprint(load_config(TINY, ["stages.autoencoder.train.steps=3"]), "autoencoder", {})
     assert h != stage_fingerprint(load_config(TINY, ["seed=1"]), "autoencoder", {})
     t = stage_fingerprint(base, "t2v", {"autoencoder": h})

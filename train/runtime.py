@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def forward_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs PyTorch counts while `fn` runs (grad stays as it is; the graph is dropped unused)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # Only the total is wanted: without the per-module tracker, whose backward hooks fail ("Expected
+    # gradient function to be set") when a loss runs modules under no_grad on inputs that need grad
+    # (teachers, critics, rollouts).
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP counts toward the "Global" total."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -154,19 +180,14 @@ class WorkerLoop:
 
     def _count_flops(self, task: TrainTask, strategy: DeepSpeedStrategy, batch: Any) -> float:
         """Forward FLOPs per sample of the loss, counted by PyTorch on one batch (for MFU)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        # Grad stays enabled: FlopCounterMode's module tracker fails under no_grad when a module gets a
-        # parameter as input. The graph is dropped unused.
         try:
-            with torch.random.fork_rng(devices=[]), counter:
-                task.loss(strategy.module, to_device(batch, strategy.device))
+            with torch.random.fork_rng(devices=[]):
+                total = forward_flops(lambda: task.loss(strategy.module, to_device(batch, strategy.device)))
         except (AssertionError, RuntimeError) as exc:
             print(f"[{self.spec.stage}] FLOP counting failed ({exc}); MFU not reported", flush=True)
             return 0.0
         samples, _ = task.batch_stats(batch)
-        return counter.get_total_flops() / max(samples, 1)
+        return total / max(samples, 1)
 
     def _evaluate(self, task: TrainTask, strategy: DeepSpeedStrategy,
                   ema: EMA | None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
