@@ -24,7 +24,7 @@ run: install
 	$(VENV)/bin/avatarforge run $(CONFIG) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q --timeout=1500
+	$(PY) -m pytest -q --timeout=1500 --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
