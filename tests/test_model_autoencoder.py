@@ -62,6 +62,33 @@ def test_encoder_and_decoder_are_causal(ae):
         assert not torch.allclose(v2[:, :, 5], v[:, :, 5])
 
 
+def test_temporal_kernel_1_mixes_time_only_where_it_is_compressed():
+    # no temporal compression: every frame is encoded and decoded on its own (no lag, no smear)
+    torch.manual_seed(0)
+    per_frame = VideoAutoencoder(AutoencoderConfig(channel_mult=[1, 2], num_res_blocks=[1, 1],
+                                                   temporal_downsample=[False], temporal_kernel=1)).eval()
+    x = _video(b=1, t=5)
+    y = x.clone()
+    y[:, :, 2] = -y[:, :, 2]
+    with torch.no_grad():
+        changed = (per_frame(y)[0] - per_frame(x)[0]).abs().amax(dim=(0, 1, 3, 4))
+    assert changed[2] > 0 and torch.all(changed[[0, 1, 3, 4]] == 0)
+    # 2x temporal compression (4x space): latent i depends on frames 2i-1 and 2i through the strided conv only
+    torch.manual_seed(0)
+    ae2 = VideoAutoencoder(AutoencoderConfig(channel_mult=[1, 2], num_res_blocks=[0, 1],
+                                             temporal_downsample=[True], temporal_kernel=1)).eval()
+    x = _video(b=1, t=9)
+    with torch.no_grad():
+        z = ae2.encode(x)
+        assert z.shape == (1, 8, 5, 8, 8)
+        y = x.clone()
+        y[:, :, 5] = -y[:, :, 5]  # frames (2i-2, 2i-1, 2i) of latent i: frame 5 feeds latents 3 only
+        moved = (ae2.encode(y) - z).abs().amax(dim=(0, 1, 3, 4))
+    assert moved[3] > 0 and torch.all(moved[[0, 1, 2, 4]] == 0)
+    with pytest.raises(ValueError, match="temporal_kernel"):
+        VideoAutoencoder(AutoencoderConfig(temporal_kernel=0))
+
+
 def test_first_frame_encoded_alone(ae):
     x = _video(b=1, t=9)
     with torch.no_grad():
