@@ -119,3 +119,10 @@ def test_config_is_read_only():
     with pytest.raises(Exception):  # noqa: B017 - omegaconf raises its own ReadonlyConfigError
         cfg.seed = 5
     assert OmegaConf.is_readonly(cfg)
+
+
+@pytest.mark.parametrize("layer", sorted(p.name for p in TINY.parent.glob("*.yaml") if p != TINY))
+def test_every_curriculum_layer_validates_on_tiny(layer):
+    # the shipped layers (ablations, DMD2, candidate autoencoder) stay valid as the schema moves
+    cfg = load_config(TINY, [str(TINY.parent / layer)])
+    assert set(cfg.stages) >= {"autoencoder", "rlhf"}
