@@ -105,6 +105,26 @@ def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no {storage.name} checkpoint under {storage} in time")
 
 
+def kill_at_checkpoint(args: list[str], storage: Path) -> None:
+    """Run the CLI with `args`, SIGKILL the driver once the stage stored under `storage` has persisted its
+    first checkpoint, and its embedded cluster with it (same session), as on a crashed machine."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        wait_for_checkpoint(storage, proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage, no cleanup
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Single-threaded torch for a module of tiny-model tests: one thread is fastest there, and immune to

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from itertools import islice
 from pathlib import Path
 
@@ -45,7 +41,7 @@ from avatarforge.stages.distill import (
     student_x0,
     video_mse,
 )
-from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides, wait_for_checkpoint
+from tests.conftest import TINY, kill_at_checkpoint, run_cli, small_overrides
 from tests.wandb_files import read_offline_run
 
 SCALES = {"text": 1.0, "audio": 2.0, "reference": 1.5}
@@ -558,17 +554,7 @@ def distill_only(root: Path, finished_run, shared_data: Path, *extra: str) -> li
 def kill_and_resume_distill(root: Path, args: list[str]) -> dict:
     """Start the run, SIGKILL the driver after distill's first checkpoint, rerun: distill resumes. Its
     DONE.json."""
-    proc = subprocess.Popen([sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        wait_for_checkpoint(root / "tiny" / "ray" / "distill", proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the embedded cluster dies with the driver
-        except ProcessLookupError:
-            pass
+    kill_at_checkpoint(args, root / "tiny" / "ray" / "distill")
     assert not (root / "tiny" / "stages" / "distill" / "DONE.json").exists()
     resumed = run_cli(*args, timeout=900)
     assert re.search(r"plan: distill\s+resume", resumed.stdout), resumed.stdout

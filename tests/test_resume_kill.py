@@ -5,37 +5,15 @@ weights of an uninterrupted run in every stage."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY, cli_env, run_cli, small_overrides, wait_for_checkpoint
+from tests.conftest import TINY, kill_at_checkpoint, run_cli, small_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def kill_at_checkpoint(args: list[str], storage: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        wait_for_checkpoint(storage, proc)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage, no cleanup
-        proc.wait(timeout=30)
-    finally:
-        # the embedded cluster's processes (same session) die with it, as on a crashed machine
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_killed_driver_resumes_to_identical_weights(tmp_path, finished_run, shared_data):
