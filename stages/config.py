@@ -141,6 +141,7 @@ def check_config(cfg: DictConfig) -> None:
                 errors += [f"stages.{name}.options.{e}" for e in getattr(options, "validate", list)()]
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
+    errors += _check_audio_alignment(cfg)
     if not errors:
         try:
             topological_order(cfg)
@@ -148,6 +149,26 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(str(exc))
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def _check_audio_alignment(cfg: DictConfig) -> list[str]:
+    """Audio windows are cut per latent frame from `temporal_factor` and `fps`: if those disagree with the
+    autoencoder's time compression or the data's frame rate, every window after the first hears the wrong
+    moment (or nothing, past the clip's end) and no error would ever say so."""
+    factor = 2 ** sum(bool(x) for x in cfg.model.autoencoder.temporal_downsample)
+    audios = {"model.audio": cfg.model.audio}
+    for name, stage in cfg.stages.items():
+        audio = OmegaConf.select(stage.options, "model.audio")
+        if stage.kind == "reward_model" and audio is not None:
+            audios[f"stages.{name}.options.model.audio"] = audio
+    errors = []
+    for key, audio in audios.items():
+        if audio.get("temporal_factor", factor) != factor:
+            errors.append(f"{key}.temporal_factor: {audio.temporal_factor}, but the autoencoder compresses time "
+                          f"{factor}x (model.autoencoder.temporal_downsample); set it to {factor}")
+        if float(audio.get("fps", cfg.data.fps)) != float(cfg.data.fps):
+            errors.append(f"{key}.fps: {audio.fps}, but data.fps is {cfg.data.fps}; set it to {cfg.data.fps}")
+    return errors
 
 
 def topological_order(cfg: DictConfig) -> list[str]:

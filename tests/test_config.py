@@ -126,3 +126,18 @@ def test_every_curriculum_layer_validates_on_tiny(layer):
     # the shipped layers (ablations, DMD2, candidate autoencoder) stay valid as the schema moves
     cfg = load_config(TINY, [str(TINY.parent / layer)])
     assert set(cfg.stages) >= {"autoencoder", "rlhf"}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.autoencoder.temporal_downsample=[true]"], "model.audio.temporal_factor"),
+    (["model.audio.temporal_factor=2"], "model.audio.temporal_factor"),
+    (["data.fps=30"], "model.audio.fps"),
+    (["stages.reward.options.model.audio.temporal_factor=2"], "stages.reward.options.model.audio.temporal_factor"),
+])
+def test_audio_windows_must_follow_the_autoencoder_and_frame_rate(overrides, key):
+    # A mismatch cuts every audio window after the first from the wrong moment: refused before Ray starts.
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, overrides)
+    fixed = load_config(TINY, ["model.autoencoder.temporal_downsample=[true]", "model.audio.temporal_factor=2",
+                               "stages.reward.options.model.audio.temporal_factor=2"])
+    assert fixed.model.audio.temporal_factor == 2
