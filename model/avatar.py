@@ -13,6 +13,8 @@ Every DiT block, for the video tokens:
     x += keep_audio * AudioAttn(norm(x), audio window of x's latent frame)  (zero-initialised output)
     x += g2 * MLP(mod(norm(x)))
 and adaLN's conditioning vector gets + keep_ref * Linear(pooled identity tokens) (zero-initialised).
+Before the blocks, every video token gets + keep_ref * Linear(the reference's first frame patch at the same
+spatial place) (the reference anchor, zero-initialised; `ref_anchor`).
 
 The reference stream runs through the same blocks (shared weights; its own segment embedding and RoPE
 positions placed before the video in time; adaLN from the clean timestep t=0, no text, no audio): the
@@ -20,8 +22,8 @@ reference tokens attend within their temporal chunk + the summary tokens, the su
 queries + identity tokens) attend to everything in the reference. It never sees the noisy video, so its
 per-layer K/V (`ReferenceCache`) serve every sampling step and every guidance pass.
 
-Zero-init: the per-head reference gate, the audio attention output and the identity adaLN linear start at
-zero, so a model loaded from t2v weights (`load_t2v_state_dict`) computes exactly what the t2v DiT does,
+Zero-init: the per-head reference gate, the audio attention output, the identity adaLN linear and the
+anchor embedding start at zero, so a model loaded from t2v weights (`load_t2v_state_dict`) computes exactly what the t2v DiT does,
 whatever reference and audio it is given. Dropping a condition (`drop`) is exactly leaving it out.
 
 Training step (a stage):
@@ -75,6 +77,11 @@ class AvatarDiTConfig(DiTConfig):
     identity_dim: int = 64
     n_static: int = 4
     n_dynamic: int = 4
+    # reference anchor: the reference's first latent frame, patch-embedded (zero-initialised linear) and
+    # added to every video token at the same spatial place, as image-to-video models concatenate the
+    # conditioning frame; attention alone must first learn *where* to copy from, the anchor hands each
+    # token its own patch of the person, so training spends itself on what moves (mouth, head)
+    ref_anchor: bool = False
 
     def dit_config(self) -> DiTConfig:
         """The t2v part of this config (what the t2v stage built its DiT from)."""
@@ -89,6 +96,7 @@ class ReferenceCache:
     cond: torch.Tensor  # [B, dim], added to the DiT's conditioning vector
     identity: IdentityTokens
     grid: tuple[int, int, int]  # reference token grid (T, H, W)
+    anchor: torch.Tensor | None = None  # [B, H*W tokens of one token-frame, dim]: embedded first frame
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +106,8 @@ class ReferenceCache:
         """The same reference for a batch n times larger (e.g. several samples of one reference)."""
         rep = lambda x: x.repeat(n, *([1] * (x.dim() - 1)))  # noqa: E731
         ids = IdentityTokens(rep(self.identity.static), rep(self.identity.dynamic))
-        return ReferenceCache([kv.repeat(n) for kv in self.layers], rep(self.cond), ids, self.grid)
+        anchor = None if self.anchor is None else rep(self.anchor)
+        return ReferenceCache([kv.repeat(n) for kv in self.layers], rep(self.cond), ids, self.grid, anchor)
 
 
 def _keep(drop: torch.Tensor | None) -> torch.Tensor | None:
@@ -171,6 +180,7 @@ class AvatarDiT(DiT):
         self.identity = IdentityEncoder(cfg.latent_channels, cfg.identity_dim, d, cfg.n_static, cfg.n_dynamic,
                                         heads=max(1, cfg.identity_dim // 32))
         self.identity_ada = nn.Linear(2 * d, d)
+        self.anchor_embed = nn.Linear(self.patch_dim, d) if cfg.ref_anchor else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -182,6 +192,9 @@ class AvatarDiT(DiT):
         if hasattr(self, "identity_ada"):
             nn.init.zeros_(self.identity_ada.weight)
             nn.init.zeros_(self.identity_ada.bias)
+        if getattr(self, "anchor_embed", None) is not None:
+            nn.init.zeros_(self.anchor_embed.weight)
+            nn.init.zeros_(self.anchor_embed.bias)
 
     # -- reference ---------------------------------------------------------------------------------
 
@@ -211,7 +224,11 @@ class AvatarDiT(DiT):
             else:
                 kv, h = block.reference_stream(*args)
             layers.append(kv)
-        return ReferenceCache(layers, self.identity_ada(ids.pooled()), ids, grid)
+        anchor = None
+        if self.anchor_embed is not None:  # frame 0 (encoded alone by the causal autoencoder: a clean image)
+            first = ref_latents[:, :, :1].expand(-1, -1, cfg.patch_size[0], -1, -1)
+            anchor = self.anchor_embed(self.patchify(first))
+        return ReferenceCache(layers, self.identity_ada(ids.pooled()), ids, grid, anchor)
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -251,6 +268,11 @@ class AvatarDiT(DiT):
                                  "use ReferenceCache.repeat")
             c = c + (reference.cond if keep_ref is None else reference.cond * keep_ref[:, None].to(c.dtype))
         h = self.patch_embed(self.patchify(x))
+        if reference is not None and reference.anchor is not None:
+            if reference.grid[1:] != grid[1:]:
+                raise ValueError(f"reference token grid {reference.grid[1:]} (H, W) != video's {grid[1:]}")
+            anchor = reference.anchor if keep_ref is None else reference.anchor * keep_ref[:, None, None].to(h.dtype)
+            h = (h.unflatten(1, (grid[0], -1)) + anchor[:, None]).flatten(1, 2)
         rope = RoPE3D.cos_sin(self.rope.angles(RoPE3D.grid(*grid, device=x.device)))
         for i, block in enumerate(self.blocks):
             kv = reference.layers[i] if reference is not None else None
@@ -260,7 +282,7 @@ class AvatarDiT(DiT):
             else:
                 h = block(*args)
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
-        return self.unpatchify(self.final(modulate(self.final_norm(h), shift, scale)), grid)
+        return self.velocity(self.unpatchify(self.final(modulate(self.final_norm(h), shift, scale)), grid), x, t)
 
 
 class AvatarModel(nn.Module):

@@ -6,9 +6,10 @@
 - 3D RoPE on self-attention q/k (head dim split across t / h / w)
 - conditioning vector c = MLP(sinusoid(t)) + Linear(masked mean of text); adaLN-Zero: every block's
   shift / scale / gate come from c through a zero-initialised linear, so a fresh block is the identity
-  and a fresh DiT outputs exactly zero (the final adaLN + linear are zero-initialised too)
+  and a fresh head outputs exactly zero (the final adaLN + linear are zero-initialised too)
 - block: x += g1 * SelfAttn(mod(norm(x))); x += CrossAttn(norm(x), text); x += g2 * MLP(mod(norm(x)))
-- final adaLN + linear -> unpatchify
+- final adaLN + linear -> unpatchify -> the velocity: the head's output itself (`prediction: velocity`) or,
+  with `prediction: data`, the head's clean estimate x0 turned into v = (x_t - x0) / t
 
 An empty caption (all-False text_mask, as used for classifier-free guidance dropout) contributes
 nothing: cross-attention outputs zero and the pooled text is zero.
@@ -41,6 +42,13 @@ class DiTConfig:
     freq_dim: int = 256  # size of the sinusoidal timestep embedding
     time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid
     pooled_text: bool = True  # add the masked-mean text to the conditioning vector
+    # What the network's output head predicts; forward() always returns the velocity. "data": the clean
+    # latents x0, turned into v = (x_t - x0) / max(t, min_t). A token whose patch holds more numbers than
+    # the width (4x4 patches of 8 channels = 128 into dim 128) cannot carry the noise through to predict
+    # v or the noise, but can predict the clean patch, which lies near a low-dimensional set (Li & He,
+    # "Back to Basics: Let Denoising Generative Models Denoise", 2025).
+    prediction: str = "velocity"  # "velocity" | "data"
+    min_t: float = 0.05  # "data": the velocity's 1/t is capped here (t near 0 would amplify any error)
     grad_checkpointing: bool = False
 
 
@@ -55,6 +63,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+PREDICTIONS = ("velocity", "data")
 
 
 class Mlp(nn.Sequential):
@@ -89,6 +100,8 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig | None = None):
         super().__init__()
         cfg = cfg or DiTConfig()
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
         if len(cfg.patch_size) != 3:
             raise ValueError(f"patch_size must be (t, h, w), got {cfg.patch_size}")
         self.cfg = cfg
@@ -148,6 +161,13 @@ class DiT(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
+    def velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The head's output (shape of x) as the velocity at (x, t), whatever `prediction` says it is."""
+        if self.cfg.prediction == "velocity":
+            return out
+        t = t.to(x.dtype).clamp_min(self.cfg.min_t).view(-1, *([1] * (x.dim() - 1)))
+        return (x - out) / t
+
     def condition(self, t: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None):
         """Conditioning vector c [B, dim] and projected text tokens [B, L, dim] (or None)."""
         freq = timestep_embedding(t * self.cfg.time_scale, self.cfg.freq_dim)
@@ -176,7 +196,7 @@ class DiT(nn.Module):
             else:
                 h = block(h, c, rope, ctx, text_mask)
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
-        return self.unpatchify(self.final(modulate(self.final_norm(h), shift, scale)), grid)
+        return self.velocity(self.unpatchify(self.final(modulate(self.final_norm(h), shift, scale)), grid), x, t)
 
     # -- cost --------------------------------------------------------------------------------------
 

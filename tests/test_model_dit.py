@@ -40,6 +40,27 @@ def test_shape_and_zero_init_output():
     assert model.final.weight.grad.abs().sum() > 0
 
 
+def test_data_prediction_returns_the_velocity_of_its_clean_estimate():
+    torch.manual_seed(0)
+    cfg = DiTConfig(**{**CFG.__dict__, "prediction": "data", "min_t": 0.05})
+    model = DiT(cfg)
+    x, _, text, mask = _inputs()
+    t = torch.tensor([0.5, 0.01])
+    # fresh: the head predicts x0 = 0, so v = (x_t - 0) / t, with 1/t capped at 1/min_t
+    v = model(x, t, text, mask)
+    assert torch.allclose(v[0], x[0] / 0.5) and torch.allclose(v[1], x[1] / 0.05)
+    with torch.no_grad():  # a trained head: x0_hat = x_t - t v recovers what the head said
+        model.final.bias.normal_()
+        model.final_ada[-1].bias.normal_()
+        head = DiT(CFG)
+        head.load_state_dict(model.state_dict())
+        v = model(x, t, text, mask)
+        x0_hat = head(x, t, text, mask)
+    assert torch.allclose(x[0] - 0.5 * v[0], x0_hat[0], atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        DiT(DiTConfig(**{**CFG.__dict__, "prediction": "noise"}))
+
+
 def test_bad_shapes_raise():
     model = DiT(CFG)
     with pytest.raises(ValueError, match="divisible"):
@@ -133,9 +154,10 @@ def test_text_encoder_shapes_and_mask():
         enc(torch.ones(1, 17, dtype=torch.long))
 
 
-def test_few_steps_reduce_flow_loss():
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_few_steps_reduce_flow_loss(prediction):
     torch.manual_seed(0)
-    model = DiT(CFG)
+    model = DiT(DiTConfig(**{**CFG.__dict__, "prediction": prediction}))
     enc = TextEncoder(TextEncoderConfig(dim=32, layers=1, heads=4, max_len=16))
     x0, _, _, _ = _inputs(b=4)
     ids = torch.randint(1, 257, (4, 8))

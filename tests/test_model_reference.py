@@ -160,6 +160,8 @@ def naive_joint_forward(model: AvatarDiT, x, t, text, text_mask, ref):
     c = c + model.identity_ada(ids.pooled())
     c_ref = model.time_embed(timestep_embedding(torch.zeros(1), cfg.freq_dim))
     hv = model.patch_embed(model.patchify(x))
+    if model.anchor_embed is not None:  # the reference's first frame, at the same place in every frame
+        hv = hv + model.anchor_embed(model.patchify(ref[:, :, :1])).repeat(1, grid[0], 1)
     hr = model.patch_embed(model.patchify(ref)) + model.ref_segment
     hs = torch.cat([model.summary.expand(x.shape[0], -1, -1), ids.static, ids.dynamic], 1)
     rope_v = model.rope.angles(RoPE3D.grid(*grid))
@@ -189,8 +191,9 @@ def _model(**kw) -> AvatarDiT:
     return AvatarDiT(AvatarDiTConfig(**{**CFG, **kw})).eval()
 
 
-def test_dense_pattern_equals_full_joint_attention():
-    model = _model(ref_pattern="dense")
+@pytest.mark.parametrize("anchor", [False, True])
+def test_dense_pattern_equals_full_joint_attention(anchor):
+    model = _model(ref_pattern="dense", ref_anchor=anchor)
     open_gates(model, gate=1.0)
     x, t, text, mask, ref = inputs()
     with torch.no_grad():
@@ -257,8 +260,9 @@ def test_reference_stream_never_sees_the_noisy_input():
     assert torch.autograd.grad(out.sum(), x)[0].abs().sum() > 0
 
 
-def test_drop_reference_is_exactly_no_reference():
-    model = _model()
+@pytest.mark.parametrize("anchor", [False, True])
+def test_drop_reference_is_exactly_no_reference(anchor):
+    model = _model(ref_anchor=anchor)
     open_gates(model)
     x, t, text, mask, ref = inputs()
     with torch.no_grad():
@@ -303,7 +307,7 @@ def test_fresh_avatar_model_from_t2v_weights_equals_t2v():
 
     model = AvatarModel(text_cfg, cfg, AudioEncoderConfig(dim=16, layers=1, heads=2)).eval()
     new_keys = model.load_t2v_state_dict(t2v.state_dict())
-    assert new_keys and all(("ref" in k or "audio" in k or "identity" in k or "summary" in k) for k in new_keys)
+    assert new_keys and all(any(s in k for s in ("ref", "audio", "identity", "summary", "anchor")) for k in new_keys)
     x, t, _, _, ref = inputs()
     ids = torch.randint(1, 257, (2, 6))
     ids[0, 4:] = 0
