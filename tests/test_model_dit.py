@@ -154,6 +154,24 @@ def test_text_encoder_shapes_and_mask():
         enc(torch.ones(1, 17, dtype=torch.long))
 
 
+def test_text_encoder_keeps_tokens_apart_at_init():
+    # A fresh encoder whose positions all come out alike gives the DiT's cross-attention identical keys:
+    # its queries get no gradient and the caption is never learned.
+    torch.manual_seed(0)
+    enc = TextEncoder(TextEncoderConfig(dim=128, layers=2, heads=4, max_len=96))
+    caps = [b"a round-faced person, speaking slowly, in a purple room", b"a round-faced person, speaking slowly, in a lime room"]
+    ids = torch.zeros(2, 96, dtype=torch.long)
+    for i, c in enumerate(caps):
+        ids[i, : len(c)] = torch.tensor(list(c)) + 1
+    with torch.no_grad():
+        out = enc(ids, ids != 0)
+    n = len(caps[0])
+    unit = nn.functional.normalize(out[0, :n], dim=-1)
+    assert float((unit @ unit.T).mean()) < 0.5
+    word = n - len(b"purple room")  # where the captions differ
+    assert (out[0, word] - out[1, word]).norm() > 0.5 * out[0, word].norm()
+
+
 @pytest.mark.parametrize("prediction", ["velocity", "data"])
 def test_few_steps_reduce_flow_loss(prediction):
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ def test_training_changes_only_adapters_and_merge_equals_unmerged():
     model, batch = build()
     inject_lora(model, LoRAConfig(rank=4, alpha=4.0, targets=["dit.blocks.*.attn.*", "dit.blocks.*.mlp.*"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.SGD(lora_parameters(model), lr=0.5)
+    opt = torch.optim.Adam(lora_parameters(model), lr=1e-2)  # moves every adapter whatever its gradient scale
     for _ in range(3):
         loss = model(**batch).square().mean()
         opt.zero_grad()
@@ -76,5 +76,8 @@ def test_training_changes_only_adapters_and_merge_equals_unmerged():
     assert not any(k.endswith(("lora_a", "lora_b")) for k in model.state_dict())
     assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
     fresh, _ = build()
+    # the adapters did learn something, and the merge carried it into the base weights
+    learned = (model.dit.blocks[0].attn.q.weight - fresh.dit.blocks[0].attn.q.weight).abs().max()
+    assert learned > 1e-3, learned
     with torch.no_grad():
-        assert not torch.allclose(fresh(**batch), merged, atol=1e-4)  # the adapters did learn something
+        assert (fresh(**batch) - merged).abs().max() > 10 * (merged - unmerged).abs().max()
