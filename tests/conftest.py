@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "curriculum" / "tiny.yaml"
@@ -61,9 +62,13 @@ def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps
     ]
 
 
-def autoencoder_only(overrides: list[str]) -> list[str]:
-    """Overrides for a curriculum cut down to its `autoencoder` stage."""
-    return [o for o in overrides if not o.startswith("stages.") or o.startswith("stages.autoencoder.")]
+def tiny_subset(directory: Path, stages: tuple[str, ...], overrides: list[str]) -> tuple[Path, list[str]]:
+    """tiny.yaml cut to `stages` (written into `directory`) and those of `overrides` that still apply."""
+    cfg = OmegaConf.load(TINY)
+    cfg.stages = {name: cfg.stages[name] for name in stages}
+    path = directory / f"tiny_{'_'.join(stages)}.yaml"
+    OmegaConf.save(cfg, path)
+    return path, [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in stages]
 
 
 def cli_env() -> dict[str, str]:

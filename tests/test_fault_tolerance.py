@@ -8,24 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, TINY, autoencoder_only, cli_env, small_overrides
+from tests.conftest import ROOT, cli_env, small_overrides, tiny_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def single_stage_config(tmp_path: Path) -> Path:
-    """The tiny curriculum cut down to its first stage."""
-    raw = OmegaConf.load(TINY)
-    raw.stages = {"autoencoder": raw.stages.autoencoder}
-    path = tmp_path / "ae_only.yaml"
-    OmegaConf.save(raw, path)
-    return path
 
 
 def train_workers(root_pid: int) -> list[psutil.Process]:
@@ -40,8 +29,7 @@ def train_workers(root_pid: int) -> list[psutil.Process]:
 
 
 def test_killed_worker_restarts_from_checkpoint(tmp_path, shared_data):
-    config = single_stage_config(tmp_path)
-    overrides = autoencoder_only(small_overrides(tmp_path, shared_data, ae_steps=16))
+    config, overrides = tiny_subset(tmp_path, ("autoencoder",), small_overrides(tmp_path, shared_data, ae_steps=16))
     overrides += ["stages.autoencoder.train.scaling.max_failures=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarforge.cluster.cli", "run", str(config), *overrides], cwd=ROOT,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from tests.conftest import TINY, run_cli, small_overrides
+from tests.conftest import TINY, run_cli, small_overrides, tiny_subset
 from tests.ray_cluster import LoopbackCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,20 +25,9 @@ def cluster(tmp_path):
 STAGES = ("autoencoder", "t2v")
 
 
-def two_stage_curriculum(tmp_path: Path, data_root: Path) -> tuple[Path, list[str]]:
-    """tiny.yaml cut to its first two stages, and the small overrides that apply to them: the submission
-    path (upload, entrypoint, status, logs) is what this test is about; the end-to-end test runs them all."""
-    cfg = OmegaConf.load(TINY)
-    cfg.stages = {name: cfg.stages[name] for name in STAGES}
-    path = tmp_path / "two_stages.yaml"
-    OmegaConf.save(cfg, path)
-    overrides = [o for o in small_overrides(tmp_path, data_root, ae_steps=4, t2v_steps=4)
-                 if not o.startswith("stages.") or o.split(".")[1] in STAGES]
-    return path, overrides
-
-
 def test_submit_poll_logs(cluster, tmp_path, shared_data):
-    config, overrides = two_stage_curriculum(tmp_path, shared_data)
+    # the submission path (upload, entrypoint, status, logs) is under test; the e2e test runs every stage
+    config, overrides = tiny_subset(tmp_path, STAGES, small_overrides(tmp_path, shared_data, ae_steps=4, t2v_steps=4))
     submitted = run_cli("submit", "--address", cluster.dashboard_url, str(config), *overrides, env=cluster.env)
     job_id = submitted.stdout.strip().splitlines()[-1]
     assert job_id.startswith("avatarforge-")

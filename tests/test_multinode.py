@@ -8,9 +8,8 @@ import re
 
 import pytest
 
-from tests.conftest import autoencoder_only, run_cli, small_overrides
+from tests.conftest import run_cli, small_overrides, tiny_subset
 from tests.ray_cluster import LoopbackCluster
-from tests.test_fault_tolerance import single_stage_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -20,14 +19,14 @@ def test_two_nodes_spread_zero2(tmp_path, shared_data):
     try:
         cluster.add_node(cpus=1)
         cluster.wait_for_nodes(2)
-        overrides = autoencoder_only(small_overrides(tmp_path, shared_data, ae_steps=8))
+        config, overrides = tiny_subset(tmp_path, ("autoencoder",), small_overrides(tmp_path, shared_data, ae_steps=8))
         overrides += [
             "train_defaults.scaling.num_workers=2",
             "train_defaults.scaling.cpus_per_worker=1",
             "train_defaults.scaling.placement_strategy=SPREAD",
             "train_defaults.deepspeed.zero_stage=2",
         ]
-        proc = run_cli("run", str(single_stage_config(tmp_path)), *overrides, "--address", cluster.address,
+        proc = run_cli("run", str(config), *overrides, "--address", cluster.address,
                        timeout=900, env=cluster.env)
     finally:
         cluster.stop()
