@@ -25,6 +25,7 @@ Latent scale: the DiT wants ~unit-variance latents. `scale` is a persistent buff
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,11 @@ class CausalConv3d(nn.Conv3d):
         if self.time_pad:
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
         return super().forward(x.contiguous(memory_format=CL3D))
+
+
+def temporal_factor(temporal_downsample: Sequence[bool]) -> int:
+    """Video frames per latent frame (after the first): each temporal downsampling halves time."""
+    return 2 ** sum(bool(x) for x in temporal_downsample)
 
 
 class ChannelRMSNorm(nn.Module):
@@ -159,7 +165,7 @@ class VideoAutoencoder(nn.Module):
             )
         self.cfg = cfg
         self.spatial_factor = cfg.patch_size * 2 ** (n - 1)
-        self.temporal_factor = 2 ** sum(bool(x) for x in cfg.temporal_downsample)
+        self.temporal_factor = temporal_factor(cfg.temporal_downsample)
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         pixels = cfg.channels * cfg.patch_size**2
 
@@ -274,4 +280,4 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> t
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-__all__ = ["AutoencoderConfig", "VideoAutoencoder", "CausalConv3d", "psnr"]
+__all__ = ["AutoencoderConfig", "VideoAutoencoder", "CausalConv3d", "psnr", "temporal_factor"]

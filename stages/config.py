@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avatarforge.data.config import DataConfig
 from avatarforge.model.audio import AudioEncoderConfig
-from avatarforge.model.autoencoder import AutoencoderConfig
+from avatarforge.model.autoencoder import AutoencoderConfig, temporal_factor
 from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiTConfig
 from avatarforge.model.text_encoder import TextEncoderConfig
@@ -126,6 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     from avatarforge.stages.registry import KINDS
 
     errors = []
+    audios = {"model.audio": OmegaConf.to_object(cfg.model.audio)}  # every audio encoder the stages build
     if not cfg.stages:
         errors.append("stages: the curriculum has no stages")
     for name, stage in cfg.stages.items():
@@ -139,9 +140,12 @@ def check_config(cfg: DictConfig) -> None:
                 errors.append(str(exc))
             else:  # cross-field checks of an Options dataclass: validate() -> ["field: message", ...]
                 errors += [f"stages.{name}.options.{e}" for e in getattr(options, "validate", list)()]
+                audio = getattr(getattr(options, "model", None), "audio", None)  # e.g. the reward model's
+                if audio is not None:
+                    audios[f"stages.{name}.options.model.audio"] = audio
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
-    errors += _check_audio_alignment(cfg)
+    errors += _check_audio_alignment(cfg, audios)
     if not errors:
         try:
             topological_order(cfg)
@@ -151,22 +155,17 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def _check_audio_alignment(cfg: DictConfig) -> list[str]:
+def _check_audio_alignment(cfg: DictConfig, audios: dict[str, AudioEncoderConfig]) -> list[str]:
     """Audio windows are cut per latent frame from `temporal_factor` and `fps`: if those disagree with the
     autoencoder's time compression or the data's frame rate, every window after the first hears the wrong
-    moment (or nothing, past the clip's end) and no error would ever say so."""
-    factor = 2 ** sum(bool(x) for x in cfg.model.autoencoder.temporal_downsample)
-    audios = {"model.audio": cfg.model.audio}
-    for name, stage in cfg.stages.items():
-        audio = OmegaConf.select(stage.options, "model.audio")
-        if stage.kind == "reward_model" and audio is not None:
-            audios[f"stages.{name}.options.model.audio"] = audio
+    moment (or nothing, past the clip's end) and no error would ever say so. `audios`: typed, by key."""
+    factor = temporal_factor(cfg.model.autoencoder.temporal_downsample)
     errors = []
     for key, audio in audios.items():
-        if audio.get("temporal_factor", factor) != factor:
+        if audio.temporal_factor != factor:
             errors.append(f"{key}.temporal_factor: {audio.temporal_factor}, but the autoencoder compresses time "
                           f"{factor}x (model.autoencoder.temporal_downsample); set it to {factor}")
-        if float(audio.get("fps", cfg.data.fps)) != float(cfg.data.fps):
+        if float(audio.fps) != float(cfg.data.fps):
             errors.append(f"{key}.fps: {audio.fps}, but data.fps is {cfg.data.fps}; set it to {cfg.data.fps}")
     return errors
 

@@ -133,6 +133,9 @@ def test_every_curriculum_layer_validates_on_tiny(layer):
     (["model.audio.temporal_factor=2"], "model.audio.temporal_factor"),
     (["data.fps=30"], "model.audio.fps"),
     (["stages.reward.options.model.audio.temporal_factor=2"], "stages.reward.options.model.audio.temporal_factor"),
+    # the reward model's own audio encoder keeps its default (4) unless set: refused too
+    (["model.autoencoder.temporal_downsample=[true]", "model.audio.temporal_factor=2"],
+     "stages.reward.options.model.audio.temporal_factor"),
 ])
 def test_audio_windows_must_follow_the_autoencoder_and_frame_rate(overrides, key):
     # A mismatch cuts every audio window after the first from the wrong moment: refused before Ray starts.
