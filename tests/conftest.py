@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,8 +114,6 @@ def wait_for_checkpoint(storage: Path, proc: subprocess.Popen, timeout: float = 
 def kill_at_checkpoint(args: list[str], storage: Path) -> None:
     """Run the CLI with `args`, SIGKILL the driver once the stage stored under `storage` has persisted its
     first checkpoint, and its embedded cluster with it (same session), as on a crashed machine."""
-    import signal
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarforge.cluster.cli", *args], cwd=ROOT, env=cli_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -80,4 +80,4 @@ def test_training_changes_only_adapters_and_merge_equals_unmerged():
     learned = (model.dit.blocks[0].attn.q.weight - fresh.dit.blocks[0].attn.q.weight).abs().max()
     assert learned > 1e-3, learned
     with torch.no_grad():
-        assert (fresh(**batch) - merged).abs().max() > 10 * (merged - unmerged).abs().max()
+        assert not torch.allclose(fresh(**batch), merged, atol=1e-4)  # and it shows in the output
