@@ -82,6 +82,11 @@ class AvatarDiTConfig(DiTConfig):
     # conditioning frame; attention alone must first learn *where* to copy from, the anchor hands each
     # token its own patch of the person, so training spends itself on what moves (mouth, head)
     ref_anchor: bool = False
+    # the per-head reference gate's start: 0 = a fresh avatar model computes exactly the t2v model (the new
+    # path must first earn its gate, and the reference K/V get no gradient while it is 0); 1 = exact joint
+    # attention over [video; summary; reference] from the first step (in-context conditioning: the t2v
+    # self-attention already matches a clean face's tokens to the noisy video's)
+    ref_gate_init: float = 0.0
 
     def dit_config(self) -> DiTConfig:
         """The t2v part of this config (what the t2v stage built its DiT from)."""
@@ -185,8 +190,8 @@ class AvatarDiT(DiT):
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        for block in self.blocks:  # new paths start closed: the model is exactly the t2v model
-            nn.init.zeros_(block.ref_gate)
+        for block in self.blocks:  # new paths start closed (gate 0: the model is exactly the t2v model)
+            nn.init.constant_(block.ref_gate, self.cfg.ref_gate_init)
             nn.init.zeros_(block.audio_attn.out.weight)
             nn.init.zeros_(block.audio_attn.out.bias)
         if hasattr(self, "identity_ada"):

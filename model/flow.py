@@ -19,6 +19,10 @@ import torch
 
 ModelFn = Callable[..., torch.Tensor]
 EVAL_TIMESTEPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Training timestep distributions. logit_normal (SD3) puts little mass near t = 1 (P(t > 0.9) = 1.4%): fine
+# for long runs, but in a few hundred steps the high-noise end, where sampling decides the layout, stays
+# untrained; uniform trains every t alike.
+TIMESTEP_DISTRIBUTIONS = ("logit_normal", "uniform")
 
 
 def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
@@ -53,11 +57,16 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, *, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                        weight: torch.Tensor | None = None, logit_normal: bool = True,
-                       **cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       timesteps: str | None = None, **cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSE between model_fn(x_t, t, **cond) and noise - x0.
 
-    t / noise default to draws from `generator` (or the global RNG). `weight` (broadcastable to x0, e.g. a
+    t / noise default to draws from `generator` (or the global RNG); `timesteps` (one of
+    TIMESTEP_DISTRIBUTIONS) overrides `logit_normal`. `weight` (broadcastable to x0, e.g. a
     mouth-region map) turns the mean into a weighted mean."""
+    if timesteps is not None:
+        if timesteps not in TIMESTEP_DISTRIBUTIONS:
+            raise ValueError(f"timesteps must be one of {TIMESTEP_DISTRIBUTIONS}, got {timesteps!r}")
+        logit_normal = timesteps == "logit_normal"
     if t is None:
         t = sample_timesteps(x0.shape[0], generator, logit_normal, device=x0.device)
     if noise is None:
@@ -130,6 +139,7 @@ def eval_flow_loss(model_fn: ModelFn, x0: torch.Tensor, *, seed: int = 0,
 
 __all__ = [
     "EVAL_TIMESTEPS",
+    "TIMESTEP_DISTRIBUTIONS",
     "sample_timesteps",
     "interpolate",
     "flow_matching_loss",

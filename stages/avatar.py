@@ -22,7 +22,7 @@ from avatarforge.data.loader import build_eval_batches
 from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
+from avatarforge.model.flow import TIMESTEP_DISTRIBUTIONS, eval_flow_loss, flow_matching_loss
 from avatarforge.model.guidance import sample_condition_drop
 from avatarforge.model.identity import color_jitter, identity_losses
 from avatarforge.model.lora import LoRAConfig, LoRALinear, inject_lora
@@ -56,12 +56,18 @@ class A2VOptions:
     mouth_weight: float = 2.0
     mouth_center: list[float] = field(default_factory=lambda: [0.68, 0.5])  # (row, column) as a fraction
     mouth_sigma: float = 0.18
+    timesteps: str = "logit_normal"  # training timestep distribution (model.flow.TIMESTEP_DISTRIBUTIONS)
     # sampled videos at every eval: scored by the oracle and logged to W&B
     eval_videos: int = 4
     sample_steps: int = 12
     guidance_text: float = 1.0
     guidance_audio: float = 2.0
     guidance_reference: float = 1.5
+
+    def validate(self) -> list[str]:
+        if self.timesteps not in TIMESTEP_DISTRIBUTIONS:
+            return [f"timesteps: {self.timesteps!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
+        return []
 
 
 @dataclass
@@ -148,7 +154,7 @@ class AvatarTask:
         weight = mouth_weight_map(x0.shape, self.options).to(x0.device)
         loss, metrics = flow_matching_loss(
             model, x0, weight=weight, text=batch["text"], text_mask=batch["text_mask"], audio=batch["audio"],
-            reference=ref, drop=self.condition_drop(x0.shape[0], x0.device),
+            reference=ref, drop=self.condition_drop(x0.shape[0], x0.device), timesteps=self.options.timesteps,
         )
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}
 

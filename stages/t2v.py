@@ -13,7 +13,7 @@ from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_eval_batches
 from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiT, DiTConfig
-from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
+from avatarforge.model.flow import TIMESTEP_DISTRIBUTIONS, eval_flow_loss, flow_matching_loss
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
 
@@ -24,6 +24,12 @@ class T2VOptions:
     # Share of training captions replaced by the empty caption, so the model also learns the
     # unconditional velocity that classifier-free guidance needs.
     text_dropout: float = 0.1
+    timesteps: str = "logit_normal"  # training timestep distribution (model.flow.TIMESTEP_DISTRIBUTIONS)
+
+    def validate(self) -> list[str]:
+        if self.timesteps not in TIMESTEP_DISTRIBUTIONS:
+            return [f"timesteps: {self.timesteps!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
+        return []
 
 
 class TextToVideo(nn.Module):
@@ -73,7 +79,7 @@ class T2VTask:
             drop = torch.rand(text.shape[0], device=text.device) < self.options.text_dropout
             mask = mask & ~drop[:, None]
             text = torch.where(mask, text, torch.zeros_like(text))
-        loss, metrics = flow_matching_loss(model, x0, text=text, text_mask=mask)
+        loss, metrics = flow_matching_loss(model, x0, text=text, text_mask=mask, timesteps=self.options.timesteps)
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -129,18 +129,36 @@ def test_every_curriculum_layer_validates_on_tiny(layer):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["model.autoencoder.temporal_downsample=[true]"], "model.audio.temporal_factor"),
-    (["model.audio.temporal_factor=2"], "model.audio.temporal_factor"),
+    (["model.autoencoder.temporal_downsample=[false]"], "model.audio.temporal_factor"),
+    (["model.audio.temporal_factor=4"], "model.audio.temporal_factor"),
     (["data.fps=30"], "model.audio.fps"),
-    (["stages.reward.options.model.audio.temporal_factor=2"], "stages.reward.options.model.audio.temporal_factor"),
-    # the reward model's own audio encoder keeps its default (4) unless set: refused too
-    (["model.autoencoder.temporal_downsample=[true]", "model.audio.temporal_factor=2"],
+    (["stages.reward.options.model.audio.temporal_factor=4"], "stages.reward.options.model.audio.temporal_factor"),
+    # the reward model's own audio encoder is checked too, not only model.audio
+    (["model.autoencoder.temporal_downsample=[false]", "model.audio.temporal_factor=1"],
      "stages.reward.options.model.audio.temporal_factor"),
 ])
 def test_audio_windows_must_follow_the_autoencoder_and_frame_rate(overrides, key):
     # A mismatch cuts every audio window after the first from the wrong moment: refused before Ray starts.
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(TINY, overrides)
-    fixed = load_config(TINY, ["model.autoencoder.temporal_downsample=[true]", "model.audio.temporal_factor=2",
-                               "stages.reward.options.model.audio.temporal_factor=2"])
-    assert fixed.model.audio.temporal_factor == 2
+    fixed = load_config(TINY, ["model.autoencoder.temporal_downsample=[false]", "model.audio.temporal_factor=1",
+                               "stages.reward.options.model.audio.temporal_factor=1"])
+    assert fixed.model.audio.temporal_factor == 1
+
+
+@pytest.mark.parametrize("stage", ["t2v", "a2v", "sft"])
+def test_unknown_timestep_distribution_is_refused(stage):
+    with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.timesteps: 'cosine'"):
+        load_config(TINY, [f"stages.{stage}.options.timesteps=cosine"])
+    assert load_config(TINY, [f"stages.{stage}.options.timesteps=uniform"]).stages[stage].options.timesteps == "uniform"
+
+
+def test_unset_reward_audio_factor_keeps_its_default_and_is_checked(tmp_path):
+    # A reward model without options.model.audio is built with AudioEncoderConfig's default factor (4):
+    # the check must see that default, not skip the key (tiny's 2x-time autoencoder needs 2).
+    cfg = OmegaConf.load(TINY)
+    del cfg.stages.reward.options.model["audio"]
+    path = tmp_path / "tiny_reward_default_audio.yaml"
+    OmegaConf.save(cfg, path)
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.model\.audio\.temporal_factor: 4"):
+        load_config(path)

@@ -30,6 +30,23 @@ def test_sample_timesteps_range_and_determinism():
     assert ln.std() < un.std()  # logit-normal concentrates around the middle
 
 
+def test_loss_timestep_distribution_by_name():
+    x0 = torch.zeros(4000, 1)
+    seen = {}
+    for name in ("uniform", "logit_normal"):
+
+        def model(xt, t, name=name):
+            seen[name] = t
+            return xt
+
+        flow_matching_loss(model, x0, timesteps=name, generator=torch.Generator().manual_seed(0))
+    expected = sample_timesteps(4000, torch.Generator().manual_seed(0), logit_normal=False)
+    assert torch.equal(seen["uniform"], expected)
+    assert (seen["uniform"] > 0.9).float().mean() > 0.08 > (seen["logit_normal"] > 0.9).float().mean()
+    with pytest.raises(ValueError, match="timesteps must be one of"):
+        flow_matching_loss(lambda xt, t: xt, x0, timesteps="cosine")
+
+
 def test_loss_is_zero_for_the_exact_target_and_deterministic_with_generator():
     x0 = torch.randn(4, 2, 3)
     noise = torch.randn_like(x0)

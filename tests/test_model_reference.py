@@ -336,3 +336,30 @@ def test_avatar_config_from_omegaconf():
     assert model(x, t, text, mask, audio=audio, reference=ref).shape == x.shape
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, AvatarDiTConfig) and obj.dit_config().dim == 32
+
+
+def test_reference_gate_init_one_is_joint_attention_from_t2v_weights():
+    """ref_gate_init=1: loaded from t2v weights, the model is exact joint attention over [video; reference]
+    (in-context conditioning), and the reference path gets gradient on the first step (at 0 it gets none)."""
+    text_cfg = TextEncoderConfig(dim=16, layers=1, heads=2, max_len=16)
+    from avatarforge.model.audio import AudioEncoderConfig
+
+    grads = {}
+    for init in (0.0, 1.0):
+        cfg = AvatarDiTConfig(**{**CFG, "ref_pattern": "dense", "ref_gate_init": init})
+        torch.manual_seed(0)
+        t2v = nn.ModuleDict({"text_encoder": TextEncoder(text_cfg), "dit": DiT(cfg.dit_config())})
+        open_gates(t2v)
+        model = AvatarModel(text_cfg, cfg, AudioEncoderConfig(dim=16, layers=1, heads=2))
+        model.load_t2v_state_dict(t2v.state_dict())
+        assert all(float(g) == init for b in model.dit.blocks for g in b.ref_gate)
+        x, t, text, mask, ref = inputs()
+        if init == 1.0:
+            with torch.no_grad():
+                ctx = model.text_encoder(torch.ones(2, 5, dtype=torch.long), mask)
+                out = model.dit(x, t, ctx, mask, reference=ref)
+                naive = naive_joint_forward(model.dit, x, t, ctx, mask, ref)
+            assert torch.allclose(out, naive, atol=1e-5), (out - naive).abs().max()
+        model(x, t, torch.ones(2, 5, dtype=torch.long), mask, reference=ref).square().mean().backward()
+        grads[init] = float(model.dit.ref_segment.grad.abs().sum())
+    assert grads[0.0] == 0.0 and grads[1.0] > 0.0
