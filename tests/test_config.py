@@ -151,6 +151,9 @@ def test_unknown_timestep_distribution_is_refused(stage):
     with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.timesteps: 'cosine'"):
         load_config(TINY, [f"stages.{stage}.options.timesteps=cosine"])
     assert load_config(TINY, [f"stages.{stage}.options.timesteps=uniform"]).stages[stage].options.timesteps == "uniform"
+    if stage != "t2v":
+        with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.dynamic_weight must be >= 0"):
+            load_config(TINY, [f"stages.{stage}.options.dynamic_weight=-1"])
 
 
 def test_unset_reward_audio_factor_keeps_its_default_and_is_checked(tmp_path):

@@ -47,6 +47,30 @@ def test_loss_timestep_distribution_by_name():
         flow_matching_loss(lambda xt, t: xt, x0, timesteps="cosine")
 
 
+def test_dynamic_term_scores_only_what_changes_over_time():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 5, 5)  # [B, C, T, H, W]
+    noise = torch.randn_like(x0)
+    t = torch.full((2,), 0.5)
+    static = x0.mean(dim=2, keepdim=True).expand_as(x0)
+    x_t = (1 - 0.5) * x0 + 0.5 * noise
+
+    def predicts(x0_hat):  # the velocity whose clean estimate x_t - t v is x0_hat
+        return lambda xt, tt: (x_t - x0_hat) / 0.5
+
+    base, _ = flow_matching_loss(predicts(static), x0, t=t, noise=noise)
+    loss, m = flow_matching_loss(predicts(static), x0, t=t, noise=noise, dynamic_scale=2.0)
+    expected = ((x0 - static) ** 2).mean()  # a motionless estimate misses all of the motion
+    assert torch.allclose(m["dynamic"], expected) and torch.allclose(loss, base + 2.0 * expected)
+    shifted = x0 + torch.randn(2, 3, 1, 5, 5)  # wrong static picture, right motion: no dynamic error
+    _, m = flow_matching_loss(predicts(shifted), x0, t=t, noise=noise, dynamic_scale=1.0)
+    assert float(m["dynamic"]) < 1e-10
+    mask = torch.zeros(1, 1, 1, 5, 5)
+    mask[..., 2, 2] = 1.0  # weighted: only that place counts
+    _, m = flow_matching_loss(predicts(static), x0, t=t, noise=noise, dynamic_scale=1.0, dynamic_weight=mask)
+    assert torch.allclose(m["dynamic"], ((x0 - static) ** 2)[..., 2, 2].mean())
+
+
 def test_loss_is_zero_for_the_exact_target_and_deterministic_with_generator():
     x0 = torch.randn(4, 2, 3)
     noise = torch.randn_like(x0)
