@@ -21,17 +21,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from avatarforge.stages.config import cut_curriculum
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "curriculum" / "tiny.yaml"
-
-
-def autoencoder_only(directory: Path) -> Path:
-    """tiny.yaml without the stages after the autoencoder."""
-    cfg = OmegaConf.load(TINY)
-    cfg.stages = {"autoencoder": cfg.stages.autoencoder}
-    path = directory / "autoencoder.yaml"
-    OmegaConf.save(cfg, path)
-    return path
 
 
 def run_stage(directory: Path, data_root: Path, *, steps: int, workers: int, threads: int) -> dict:
@@ -50,7 +43,7 @@ def run_stage(directory: Path, data_root: Path, *, steps: int, workers: int, thr
     env.pop("RAY_ADDRESS", None)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "avatarforge.cluster.cli", "run", str(autoencoder_only(directory)),
+        [sys.executable, "-m", "avatarforge.cluster.cli", "run", str(cut_curriculum(TINY, ["autoencoder"], directory / "autoencoder.yaml")),
          *overrides],
         env=env, cwd=ROOT, capture_output=True, text=True,
     )

@@ -25,6 +25,11 @@ EVAL_TIMESTEPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 TIMESTEP_DISTRIBUTIONS = ("logit_normal", "uniform")
 
 
+def timesteps_errors(name: str) -> list[str]:
+    """[] for a known training timestep distribution, else the one message (an Options.validate entry)."""
+    return [] if name in TIMESTEP_DISTRIBUTIONS else [f"timesteps: {name!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
+
+
 def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
@@ -160,6 +165,7 @@ def eval_flow_loss(model_fn: ModelFn, x0: torch.Tensor, *, seed: int = 0,
 __all__ = [
     "EVAL_TIMESTEPS",
     "TIMESTEP_DISTRIBUTIONS",
+    "timesteps_errors",
     "sample_timesteps",
     "interpolate",
     "flow_matching_loss",

@@ -22,7 +22,7 @@ from avatarforge.data.loader import build_eval_batches
 from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.flow import TIMESTEP_DISTRIBUTIONS, eval_flow_loss, flow_matching_loss
+from avatarforge.model.flow import eval_flow_loss, flow_matching_loss, timesteps_errors
 from avatarforge.model.guidance import sample_condition_drop
 from avatarforge.model.identity import color_jitter, identity_losses
 from avatarforge.model.lora import LoRAConfig, LoRALinear, inject_lora
@@ -71,9 +71,7 @@ class A2VOptions:
     guidance_reference: float = 1.5
 
     def validate(self) -> list[str]:
-        errors = []
-        if self.timesteps not in TIMESTEP_DISTRIBUTIONS:
-            errors.append(f"timesteps: {self.timesteps!r} is not one of {TIMESTEP_DISTRIBUTIONS}")
+        errors = timesteps_errors(self.timesteps)
         if self.dynamic_weight < 0 or self.mouth_sigma <= 0:
             errors.append(f"dynamic_weight must be >= 0 and mouth_sigma > 0, got {self.dynamic_weight}, "
                           f"{self.mouth_sigma}")

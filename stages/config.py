@@ -101,6 +101,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return build_config(raw)
 
 
+def cut_curriculum(source: str | Path, stages: list[str] | tuple[str, ...], dest: str | Path) -> Path:
+    """Write `source`'s curriculum YAML with only `stages` (in that order) to `dest`; returns `dest`. For
+    tests and benchmarks that need the first stages of a curriculum (validation happens on load)."""
+    cfg = OmegaConf.load(source)
+    cfg.stages = {name: cfg.stages[name] for name in stages}
+    OmegaConf.save(cfg, dest)
+    return Path(dest)
+
+
 def build_config(raw: DictConfig | dict) -> DictConfig:
     raw = OmegaConf.create(raw) if isinstance(raw, dict) else raw
     defaults = raw.get("train_defaults") or {}

@@ -13,7 +13,7 @@ from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_eval_batches
 from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiT, DiTConfig
-from avatarforge.model.flow import TIMESTEP_DISTRIBUTIONS, eval_flow_loss, flow_matching_loss
+from avatarforge.model.flow import eval_flow_loss, flow_matching_loss, timesteps_errors
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
 
@@ -27,9 +27,7 @@ class T2VOptions:
     timesteps: str = "logit_normal"  # training timestep distribution (model.flow.TIMESTEP_DISTRIBUTIONS)
 
     def validate(self) -> list[str]:
-        if self.timesteps not in TIMESTEP_DISTRIBUTIONS:
-            return [f"timesteps: {self.timesteps!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
-        return []
+        return timesteps_errors(self.timesteps)
 
 
 class TextToVideo(nn.Module):

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+
+from avatarforge.stages.config import cut_curriculum
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "curriculum" / "tiny.yaml"
@@ -65,10 +66,7 @@ def small_overrides(out: Path, data_root: Path, *, ae_steps: int = 12, t2v_steps
 
 def tiny_subset(directory: Path, stages: tuple[str, ...], overrides: list[str]) -> tuple[Path, list[str]]:
     """tiny.yaml cut to `stages` (written into `directory`) and those of `overrides` that still apply."""
-    cfg = OmegaConf.load(TINY)
-    cfg.stages = {name: cfg.stages[name] for name in stages}
-    path = directory / f"tiny_{'_'.join(stages)}.yaml"
-    OmegaConf.save(cfg, path)
+    path = cut_curriculum(TINY, stages, directory / f"tiny_{'_'.join(stages)}.yaml")
     return path, [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in stages]
 
 

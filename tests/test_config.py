@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from avatarforge.stages.config import (
     ConfigError,
+    cut_curriculum,
     descendants,
     load_config,
     stage_fingerprint,
@@ -165,3 +166,12 @@ def test_unset_reward_audio_factor_keeps_its_default_and_is_checked(tmp_path):
     OmegaConf.save(cfg, path)
     with pytest.raises(ConfigError, match=r"stages\.reward\.options\.model\.audio\.temporal_factor: 4"):
         load_config(path)
+
+
+def test_cut_curriculum_keeps_the_named_stages(tmp_path):
+    path = cut_curriculum(TINY, ("autoencoder", "t2v"), tmp_path / "cut.yaml")
+    cfg = load_config(path)
+    assert list(cfg.stages) == ["autoencoder", "t2v"]
+    assert cfg.stages.t2v.train.steps == load_config(TINY).stages.t2v.train.steps
+    with pytest.raises(ConfigError, match=r"stages\.t2v\.needs: unknown stage 'autoencoder'"):
+        load_config(cut_curriculum(TINY, ("t2v",), tmp_path / "t2v_only.yaml"))
