@@ -23,11 +23,27 @@ EVAL_TIMESTEPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 # for long runs, but in a few hundred steps the high-noise end, where sampling decides the layout, stays
 # untrained; uniform trains every t alike.
 TIMESTEP_DISTRIBUTIONS = ("logit_normal", "uniform")
+# What the squared error is measured on. "velocity": v - (noise - x0), the rectified-flow loss. "data": the
+# clean estimate x_t - t v against x0, i.e. the velocity error times t^2. For a clean-data head
+# (v = (x_t - x0_hat) / t) the velocity loss weighs a timestep by 1/t^2: with uniform t the t > 0.9 end, where
+# sampling decides the layout, gets ~0.3% of the gradient, and a few hundred steps leave its estimate worse
+# than each channel's mean.
+LOSS_WEIGHTINGS = ("velocity", "data")
 
 
-def timesteps_errors(name: str) -> list[str]:
-    """[] for a known training timestep distribution, else the one message (an Options.validate entry)."""
-    return [] if name in TIMESTEP_DISTRIBUTIONS else [f"timesteps: {name!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
+def timesteps_errors(name: str, shift: float = 1.0, weighting: str = "velocity") -> list[str]:
+    """Messages (Options.validate entries) for a bad training timestep distribution, shift or loss weighting."""
+    errors = [] if name in TIMESTEP_DISTRIBUTIONS else [f"timesteps: {name!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
+    if not shift > 0:
+        errors.append(f"timestep_shift: must be > 0, got {shift}")
+    if weighting not in LOSS_WEIGHTINGS:
+        errors.append(f"loss_weighting: {weighting!r} is not one of {LOSS_WEIGHTINGS}")
+    return errors
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = shift t / (1 + (shift - 1) t): shift > 1 moves mass toward t = 1 (SD3's resolution shift)."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
 def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
@@ -62,13 +78,15 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, *, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                        weight: torch.Tensor | None = None, logit_normal: bool = True,
-                       timesteps: str | None = None, dynamic_scale: float = 0.0,
+                       timesteps: str | None = None, timestep_shift: float = 1.0,
+                       weighting: str = "velocity", dynamic_scale: float = 0.0,
                        dynamic_weight: torch.Tensor | None = None,
                        **cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE between model_fn(x_t, t, **cond) and noise - x0.
+    """MSE between model_fn(x_t, t, **cond) and noise - x0 (`weighting="velocity"`), or between the clean
+    estimate x_t - t v and x0 (`"data"`, see LOSS_WEIGHTINGS).
 
-    t / noise default to draws from `generator` (or the global RNG); `timesteps` (one of
-    TIMESTEP_DISTRIBUTIONS) overrides `logit_normal`. `dynamic_scale` > 0 adds a motion term for video
+    t / noise default to draws from `generator` (or the global RNG), shifted by `timestep_shift` (drawn t only);
+    `timesteps` (one of TIMESTEP_DISTRIBUTIONS) overrides `logit_normal`. `dynamic_scale` > 0 adds a motion term for video
     [B, C, T, H, W]: the squared error of the clean estimate x_t - t v in what changes over time (each clip's
     deviation from its temporal mean), weighted by `dynamic_weight` (e.g. the mouth). Frame-to-frame change
     is a few percent of the variance, so the plain loss barely sees it: models learn the static picture first
@@ -79,13 +97,18 @@ def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, *, generator: torch.
         if timesteps not in TIMESTEP_DISTRIBUTIONS:
             raise ValueError(f"timesteps must be one of {TIMESTEP_DISTRIBUTIONS}, got {timesteps!r}")
         logit_normal = timesteps == "logit_normal"
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     if t is None:
-        t = sample_timesteps(x0.shape[0], generator, logit_normal, device=x0.device)
+        t = shift_timesteps(sample_timesteps(x0.shape[0], generator, logit_normal, device=x0.device), timestep_shift)
     if noise is None:
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = interpolate(x0, noise, t)
     v = model_fn(x_t, t, **cond)
-    err = (v.float() - (noise - x0).float()).pow(2)
+    if weighting == "velocity":
+        err = (v.float() - (noise - x0).float()).pow(2)
+    else:
+        err = (x_t.float() - _expand(t, x_t) * v.float() - x0.float()).pow(2)
     loss = _weighted_mean(err, weight)
     metrics = {"loss": loss.detach(), "mse": err.mean().detach(), "t_mean": t.float().mean().detach()}
     if dynamic_scale > 0:
@@ -110,8 +133,7 @@ def _weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tens
 def sampling_timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """steps + 1 times from 1 to 0. shift > 1 spends more steps near t=1 (high noise), as in SD3:
     t' = shift * t / (1 + (shift - 1) * t)."""
-    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 
 def euler_sample(model_fn: ModelFn, shape: Sequence[int], steps: int,
@@ -165,7 +187,9 @@ def eval_flow_loss(model_fn: ModelFn, x0: torch.Tensor, *, seed: int = 0,
 __all__ = [
     "EVAL_TIMESTEPS",
     "TIMESTEP_DISTRIBUTIONS",
+    "LOSS_WEIGHTINGS",
     "timesteps_errors",
+    "shift_timesteps",
     "sample_timesteps",
     "interpolate",
     "flow_matching_loss",

@@ -22,12 +22,19 @@ from avatarforge.data.loader import build_eval_batches
 from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.flow import eval_flow_loss, flow_matching_loss, timesteps_errors
+from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
 from avatarforge.model.guidance import sample_condition_drop
 from avatarforge.model.identity import color_jitter, identity_losses
 from avatarforge.model.lora import LoRAConfig, LoRALinear, inject_lora
 from avatarforge.model.text_encoder import TextEncoderConfig
-from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
+from avatarforge.stages.common import (
+    FlowLossOptions,
+    FrozenAutoencoder,
+    mean_metrics,
+    parent_of_kind,
+    train_stream,
+    typed,
+)
 from avatarforge.stages.quality import (
     Policy,
     Prompt,
@@ -44,7 +51,7 @@ ORACLE_KEYS = ("lipsync_corr", "lipsync_conf", "lipsync_offset", "identity_error
 
 
 @dataclass
-class A2VOptions:
+class A2VOptions(FlowLossOptions):
     eval_clips: int = 8
     # independent condition dropout (multi-condition classifier-free guidance), plus all at once
     drop_text: float = 0.3
@@ -62,7 +69,6 @@ class A2VOptions:
     # without it the model predicts spurious mouth motion and the audio (which only explains motion) gets
     # no useful gradient. 0 = off
     dynamic_weight: float = 0.0
-    timesteps: str = "logit_normal"  # training timestep distribution (model.flow.TIMESTEP_DISTRIBUTIONS)
     # sampled videos at every eval: scored by the oracle and logged to W&B
     eval_videos: int = 4
     sample_steps: int = 12
@@ -71,7 +77,7 @@ class A2VOptions:
     guidance_reference: float = 1.5
 
     def validate(self) -> list[str]:
-        errors = timesteps_errors(self.timesteps)
+        errors = self.flow_errors()
         if self.dynamic_weight < 0 or self.mouth_sigma <= 0:
             errors.append(f"dynamic_weight must be >= 0 and mouth_sigma > 0, got {self.dynamic_weight}, "
                           f"{self.mouth_sigma}")
@@ -168,7 +174,7 @@ class AvatarTask:
         weight = mouth_weight_map(x0.shape, o).to(x0.device)
         loss, metrics = flow_matching_loss(
             model, x0, weight=weight, text=batch["text"], text_mask=batch["text_mask"], audio=batch["audio"],
-            reference=ref, drop=self.condition_drop(x0.shape[0], x0.device), timesteps=o.timesteps,
+            reference=ref, drop=self.condition_drop(x0.shape[0], x0.device), **o.flow_kwargs(),
             dynamic_scale=o.dynamic_weight, dynamic_weight=mouth_prior(x0.shape, o).to(x0.device),
         )
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,28 @@ from torch import nn
 from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_train_loader
 from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+from avatarforge.model.flow import timesteps_errors
 
 
 def typed(schema: type, container: Any) -> Any:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), container))
+
+
+@dataclass
+class FlowLossOptions:
+    """How a flow-matching stage draws training timesteps and measures its error (model/flow.py), shared by
+    the t2v, a2v and sft options."""
+
+    timesteps: str = "logit_normal"  # model.flow.TIMESTEP_DISTRIBUTIONS
+    timestep_shift: float = 1.0  # > 1 draws more high-noise timesteps (model.flow.shift_timesteps)
+    loss_weighting: str = "velocity"  # model.flow.LOSS_WEIGHTINGS
+
+    def flow_errors(self) -> list[str]:
+        return timesteps_errors(self.timesteps, self.timestep_shift, self.loss_weighting)
+
+    def flow_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of model.flow.flow_matching_loss."""
+        return {"timesteps": self.timesteps, "timestep_shift": self.timestep_shift, "weighting": self.loss_weighting}
 
 
 def load_weights(module: nn.Module, path: str | Path, *, prefix: str = "", strict: bool = True) -> None:

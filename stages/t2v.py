@@ -13,21 +13,27 @@ from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_eval_batches
 from avatarforge.model.avatar import AvatarDiTConfig
 from avatarforge.model.dit import DiT, DiTConfig
-from avatarforge.model.flow import eval_flow_loss, flow_matching_loss, timesteps_errors
+from avatarforge.model.flow import eval_flow_loss, flow_matching_loss
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
-from avatarforge.stages.common import FrozenAutoencoder, mean_metrics, parent_of_kind, train_stream, typed
+from avatarforge.stages.common import (
+    FlowLossOptions,
+    FrozenAutoencoder,
+    mean_metrics,
+    parent_of_kind,
+    train_stream,
+    typed,
+)
 
 
 @dataclass
-class T2VOptions:
+class T2VOptions(FlowLossOptions):
     eval_clips: int = 8
     # Share of training captions replaced by the empty caption, so the model also learns the
     # unconditional velocity that classifier-free guidance needs.
     text_dropout: float = 0.1
-    timesteps: str = "logit_normal"  # training timestep distribution (model.flow.TIMESTEP_DISTRIBUTIONS)
 
     def validate(self) -> list[str]:
-        return timesteps_errors(self.timesteps)
+        return self.flow_errors()
 
 
 class TextToVideo(nn.Module):
@@ -77,7 +83,7 @@ class T2VTask:
             drop = torch.rand(text.shape[0], device=text.device) < self.options.text_dropout
             mask = mask & ~drop[:, None]
             text = torch.where(mask, text, torch.zeros_like(text))
-        loss, metrics = flow_matching_loss(model, x0, text=text, text_mask=mask, timesteps=self.options.timesteps)
+        loss, metrics = flow_matching_loss(model, x0, text=text, text_mask=mask, **self.options.flow_kwargs())
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -152,6 +152,11 @@ def test_unknown_timestep_distribution_is_refused(stage):
     with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.timesteps: 'cosine'"):
         load_config(TINY, [f"stages.{stage}.options.timesteps=cosine"])
     assert load_config(TINY, [f"stages.{stage}.options.timesteps=uniform"]).stages[stage].options.timesteps == "uniform"
+    for bad in ("timestep_shift=0", "loss_weighting=snr"):
+        with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.{bad.split('=')[0]}: "):
+            load_config(TINY, [f"stages.{stage}.options.{bad}"])
+    good = load_config(TINY, [f"stages.{stage}.options.timestep_shift=3", f"stages.{stage}.options.loss_weighting=data"])
+    assert good.stages[stage].options.timestep_shift == 3 and good.stages[stage].options.loss_weighting == "data"
     if stage != "t2v":
         with pytest.raises(ConfigError, match=rf"stages\.{stage}\.options\.dynamic_weight must be >= 0"):
             load_config(TINY, [f"stages.{stage}.options.dynamic_weight=-1"])

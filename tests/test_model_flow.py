@@ -9,6 +9,7 @@ from avatarforge.model.flow import (
     interpolate,
     sample_timesteps,
     sampling_timesteps,
+    shift_timesteps,
 )
 
 
@@ -45,6 +46,47 @@ def test_loss_timestep_distribution_by_name():
     assert (seen["uniform"] > 0.9).float().mean() > 0.08 > (seen["logit_normal"] > 0.9).float().mean()
     with pytest.raises(ValueError, match="timesteps must be one of"):
         flow_matching_loss(lambda xt, t: xt, x0, timesteps="cosine")
+
+
+def test_data_weighting_measures_the_clean_estimate():
+    # "data": the error of x_t - t v against x0 = the velocity error times t^2, so a clean-data head's
+    # high-noise timesteps are not drowned by the 1/t^2 of the velocity loss
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    t = torch.tensor([0.1, 0.5, 1.0])
+    x0_hat = torch.randn_like(x0)
+    x_t = interpolate(x0, noise, t)
+
+    def head(xt, tt):  # a clean-data head: its velocity is (x_t - x0_hat) / t
+        return (xt - x0_hat) / tt.view(-1, 1, 1)
+
+    _, vel = flow_matching_loss(head, x0, t=t, noise=noise)
+    loss, data = flow_matching_loss(head, x0, t=t, noise=noise, weighting="data")
+    assert torch.allclose(loss, ((x0_hat - x0) ** 2).mean(), atol=1e-6)
+    per_sample_v = ((head(x_t, t) - (noise - x0)) ** 2).mean(dim=(1, 2))
+    assert torch.allclose(((x0_hat - x0) ** 2).mean(dim=(1, 2)), per_sample_v * t**2, atol=1e-5)
+    assert not torch.allclose(vel["mse"], data["mse"])
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        flow_matching_loss(head, x0, t=t, noise=noise, weighting="snr")
+
+
+def test_timestep_shift_moves_training_draws_toward_noise():
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    s = shift_timesteps(t, 3.0)
+    assert s[0] == 0 and s[-1] == 1 and (s[1:-1] > t[1:-1]).all()
+    assert torch.allclose(sampling_timesteps(4, shift=3.0), shift_timesteps(torch.linspace(1, 0, 5), 3.0))
+    seen = {}
+    for shift in (1.0, 3.0):
+
+        def model(xt, tt, shift=shift):
+            seen[shift] = tt
+            return xt
+
+        flow_matching_loss(model, torch.zeros(4000, 1), timesteps="uniform", timestep_shift=shift,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(seen[3.0], shift_timesteps(seen[1.0], 3.0))
+    assert (seen[3.0] > 0.9).float().mean() > 2 * (seen[1.0] > 0.9).float().mean()
 
 
 def test_dynamic_term_scores_only_what_changes_over_time():
