@@ -152,6 +152,13 @@ def check_config(cfg: DictConfig) -> None:
                 audio = getattr(getattr(options, "model", None), "audio", None)  # e.g. the reward model's
                 if audio is not None:
                     audios[f"stages.{name}.options.model.audio"] = audio
+                source = getattr(options, "audio_encoder_from", "")  # the reward model's pretrained audio
+                if source and source not in stage.needs:
+                    errors.append(f"stages.{name}.options.audio_encoder_from: {source!r} is not in the stage's "
+                                  f"needs {list(stage.needs)}")
+                elif source and audio != OmegaConf.to_object(cfg.model.audio):
+                    errors.append(f"stages.{name}.options.model.audio: must equal model.audio to start from "
+                                  f"{source!r}'s audio encoder")
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
     errors += _check_audio_alignment(cfg, audios)

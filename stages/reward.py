@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
@@ -22,6 +23,10 @@ from avatarforge.stages.common import epoch_batches, typed
 class RewardOptions:
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
     eval_batch_size: int = 16
+    # A parent stage holding an avatar model (a2v / sft / distill) whose trained `audio_encoder.*` starts the
+    # reward model's, so its audio features already follow what the mouth does ("" = from scratch). Checked
+    # before Ray starts: it must be in the stage's `needs` with the same audio encoder config.
+    audio_encoder_from: str = ""
 
 
 @dataclass
@@ -95,6 +100,7 @@ def reward_model_config(config: dict[str, Any], stage: str) -> RewardModelConfig
 class RewardTask:
     def __init__(self, args: dict[str, Any]) -> None:
         config, stage = args["config"], args["stage"]
+        self.args = args
         self.options: RewardOptions = typed(RewardOptions, config["stages"][stage]["options"])
         self.batch_size = config["stages"][stage]["train"]["batch_size"]
         self.seed = int(config["seed"])
@@ -107,7 +113,12 @@ class RewardTask:
         return RewardModel(self.options.model)
 
     def init_from_parents(self, model: nn.Module) -> None:
-        """Trained from scratch: its parents are data (the preference pairs), not weights."""
+        """From scratch, except the audio encoder when `audio_encoder_from` names a parent avatar model."""
+        source = self.options.audio_encoder_from
+        if source:
+            if source not in self.args["parent_weights"]:
+                raise ValueError(f"audio_encoder_from: {source!r} is not a parent with weights of this stage")
+            model.load_audio_encoder(load_file(self.args["parent_weights"][source]))
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
         for index in epoch_batches(len(self.train), self.batch_size, seed=self.seed, rank=rank,

@@ -173,6 +173,18 @@ def test_unset_reward_audio_factor_keeps_its_default_and_is_checked(tmp_path):
         load_config(path)
 
 
+def test_reward_audio_encoder_source_must_be_a_parent_with_the_same_audio():
+    # the reward model's audio encoder starts from a parent avatar model's: refused before Ray starts unless
+    # that stage is in `needs` and builds the same audio encoder
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.audio_encoder_from: 'sft' is not in"):
+        load_config(TINY, ["stages.reward.options.audio_encoder_from=sft", "stages.reward.needs=[preferences]"])
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.model\.audio: must equal model\.audio"):
+        load_config(TINY, ["stages.reward.options.audio_encoder_from=distill", "stages.reward.needs=[preferences,distill]",
+                           "stages.reward.options.model.audio.dim=64"])
+    cfg = load_config(TINY, ["stages.reward.options.audio_encoder_from=distill", "stages.reward.needs=[preferences,distill]"])
+    assert cfg.stages.reward.options.audio_encoder_from == "distill"
+
+
 def test_cut_curriculum_keeps_the_named_stages(tmp_path):
     path = cut_curriculum(TINY, ("autoencoder", "t2v"), tmp_path / "cut.yaml")
     cfg = load_config(path)

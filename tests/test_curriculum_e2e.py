@@ -71,6 +71,7 @@ def test_rerun_skips_done_stages_and_rejects_changed_config(finished_run, shared
 
 def test_last_stages_collect_rate_reward_and_align(finished_run):
     """distill -> preferences (Ray actors + oracle rater) -> reward (Bradley-Terry) -> rlhf (GRPO)."""
+    import torch
     from omegaconf import OmegaConf
 
     from avatarforge.data.pair_shards import read_groups, shard_list
@@ -98,6 +99,11 @@ def test_last_stages_collect_rate_reward_and_align(finished_run):
     cfg = OmegaConf.to_container(OmegaConf.load(stages / "reward" / "config.yaml"), resolve=True)
     model = RewardModel(typed(RewardModelConfig, cfg["stages"]["reward"]["options"]["model"]))
     model.load_state_dict(load_file(reward["weights"]))
+    # its audio encoder started from the distilled policy's (options.audio_encoder_from): still close to it
+    policy = load_file(json.loads((stages / "distill" / "DONE.json").read_text())["weights"])
+    for key in [k for k in policy if k.startswith("audio_encoder.") and policy[k].dim() == 2][:3]:
+        cos = torch.nn.functional.cosine_similarity(model.state_dict()[key].flatten(), policy[key].flatten(), dim=0)
+        assert cos > 0.9, (key, float(cos))
 
     rlhf = json.loads((stages / "rlhf" / "DONE.json").read_text())
     assert rlhf["parents"].keys() >= {"distill", "reward"}
