@@ -31,7 +31,7 @@ TIMESTEP_DISTRIBUTIONS = ("logit_normal", "uniform")
 LOSS_WEIGHTINGS = ("velocity", "data")
 
 
-def timesteps_errors(name: str, shift: float = 1.0, weighting: str = "velocity") -> list[str]:
+def flow_loss_errors(name: str, shift: float = 1.0, weighting: str = "velocity") -> list[str]:
     """Messages (Options.validate entries) for a bad training timestep distribution, shift or loss weighting."""
     errors = [] if name in TIMESTEP_DISTRIBUTIONS else [f"timesteps: {name!r} is not one of {TIMESTEP_DISTRIBUTIONS}"]
     if not shift > 0:
@@ -105,14 +105,16 @@ def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, *, generator: torch.
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = interpolate(x0, noise, t)
     v = model_fn(x_t, t, **cond)
+    # the clean estimate, for the data weighting and the motion term
+    x0_hat = x_t.float() - _expand(t, x_t) * v.float() if weighting == "data" or dynamic_scale > 0 else None
     if weighting == "velocity":
         err = (v.float() - (noise - x0).float()).pow(2)
     else:
-        err = (x_t.float() - _expand(t, x_t) * v.float() - x0.float()).pow(2)
+        err = (x0_hat - x0.float()).pow(2)
     loss = _weighted_mean(err, weight)
     metrics = {"loss": loss.detach(), "mse": err.mean().detach(), "t_mean": t.float().mean().detach()}
     if dynamic_scale > 0:
-        dynamic = _weighted_mean(dynamic_error(x_t.float() - _expand(t, x_t) * v.float(), x0.float()), dynamic_weight)
+        dynamic = _weighted_mean(dynamic_error(x0_hat, x0.float()), dynamic_weight)
         loss = loss + dynamic_scale * dynamic
         metrics.update(loss=loss.detach(), dynamic=dynamic.detach())
     return loss, metrics
@@ -188,7 +190,7 @@ __all__ = [
     "EVAL_TIMESTEPS",
     "TIMESTEP_DISTRIBUTIONS",
     "LOSS_WEIGHTINGS",
-    "timesteps_errors",
+    "flow_loss_errors",
     "shift_timesteps",
     "sample_timesteps",
     "interpolate",

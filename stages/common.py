@@ -15,7 +15,7 @@ from torch import nn
 from avatarforge.data.config import DataConfig
 from avatarforge.data.loader import build_train_loader
 from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
-from avatarforge.model.flow import timesteps_errors
+from avatarforge.model.flow import flow_loss_errors
 
 
 def typed(schema: type, container: Any) -> Any:
@@ -32,7 +32,7 @@ class FlowLossOptions:
     loss_weighting: str = "velocity"  # model.flow.LOSS_WEIGHTINGS
 
     def flow_errors(self) -> list[str]:
-        return timesteps_errors(self.timesteps, self.timestep_shift, self.loss_weighting)
+        return flow_loss_errors(self.timesteps, self.timestep_shift, self.loss_weighting)
 
     def flow_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of model.flow.flow_matching_loss."""

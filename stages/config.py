@@ -156,7 +156,7 @@ def check_config(cfg: DictConfig) -> None:
                 if source and source not in stage.needs:
                     errors.append(f"stages.{name}.options.audio_encoder_from: {source!r} is not in the stage's "
                                   f"needs {list(stage.needs)}")
-                elif source and audio != OmegaConf.to_object(cfg.model.audio):
+                elif source and audio != audios["model.audio"]:
                     errors.append(f"stages.{name}.options.model.audio: must equal model.audio to start from "
                                   f"{source!r}'s audio encoder")
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
