@@ -125,6 +125,22 @@ def dynamic_error(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return ((x0_hat - x0_hat.mean(dim=2, keepdim=True)) - (x0 - x0.mean(dim=2, keepdim=True))).pow(2)
 
 
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None = None,
+                    dynamic_scale: float = 0.0, dynamic_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted MSE of pred against target (both [B, C, T, H, W]) plus, with dynamic_scale > 0, the motion
+    term of flow_matching_loss on them (the error in what changes over time, weighted by dynamic_weight).
+    For losses that regress a teacher's output (distillation) with the same region weighting as training."""
+    err = (pred.float() - target.float()).pow(2)
+    loss = _weighted_mean(err, weight)
+    metrics = {"mse": err.mean().detach()}
+    if dynamic_scale > 0:
+        dynamic = _weighted_mean(dynamic_error(pred.float(), target.float()), dynamic_weight)
+        loss = loss + dynamic_scale * dynamic
+        metrics["dynamic"] = dynamic.detach()
+    return loss, metrics
+
+
 def _weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         return err.mean()
@@ -196,6 +212,7 @@ __all__ = [
     "interpolate",
     "flow_matching_loss",
     "dynamic_error",
+    "regression_loss",
     "sampling_timesteps",
     "euler_sample",
     "eval_flow_loss",

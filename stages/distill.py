@@ -37,7 +37,7 @@ guidance scale 1: a single pass per step).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,9 +47,15 @@ from torch import nn
 
 from avatarforge.data.synth.oracle import summarize
 from avatarforge.model.avatar import AvatarModel
-from avatarforge.model.flow import flow_matching_loss, interpolate, sample_timesteps, sampling_timesteps
+from avatarforge.model.flow import (
+    flow_matching_loss,
+    interpolate,
+    regression_loss,
+    sample_timesteps,
+    sampling_timesteps,
+)
 from avatarforge.model.guidance import guided_velocity
-from avatarforge.stages.avatar import SFTOptions, SFTTask
+from avatarforge.stages.avatar import SFTOptions, SFTTask, mouth_prior, mouth_weight_map
 from avatarforge.stages.common import parent_of_kind, typed
 from avatarforge.stages.quality import (
     Policy,
@@ -81,6 +87,11 @@ class DistillOptions:
     method: str = "trajectory"
     dmd_critic_updates: int = 1  # dmd2: critic flow-matching terms (fresh noise each) per generator term
     dmd_regression_weight: float = 0.0  # dmd2: weight of the trajectory step loss added as regression term
+    # the teacher's mouth, which the plain MSE under-weights (a few latents of the frame; lip motion is a few
+    # percent of their variance): extra weight on the sft stage's mouth prior (1 = none), and the motion
+    # term (model.flow.regression_loss: the error in what changes over time there; 0 = off). Phases 1 and 2.
+    mouth_weight: float = 1.0
+    dynamic_weight: float = 0.0
     # evaluation: held-out 9-frame clips for the step-distillation error; whole held-out clips' speech
     # (windowed) given to the sft identities for the teacher / student comparison
     eval_clips: int = 4
@@ -108,6 +119,9 @@ class DistillOptions:
             errors.append(f"dmd_critic_updates: must be >= 1, got {self.dmd_critic_updates}")
         if self.dmd_regression_weight < 0:
             errors.append(f"dmd_regression_weight: must be >= 0, got {self.dmd_regression_weight}")
+        if self.mouth_weight < 1 or self.dynamic_weight < 0:
+            errors.append(f"mouth_weight must be >= 1 and dynamic_weight >= 0, got {self.mouth_weight}, "
+                          f"{self.dynamic_weight}")
         return errors
 
 
@@ -155,16 +169,37 @@ def rollout(fn: VelocityFn, noise: torch.Tensor, stop: torch.Tensor, times: torc
     return x
 
 
+@dataclass
+class RegionWeights:
+    """How the distillation MSE weighs the video (model.flow.regression_loss): `weight` broadcastable to
+    the latents (e.g. the mouth map), the motion term's scale and its weight map. Default: a plain MSE."""
+
+    weight: torch.Tensor | None = None
+    dynamic_scale: float = 0.0
+    dynamic_weight: torch.Tensor | None = None
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, metrics = regression_loss(pred, target, weight=self.weight, dynamic_scale=self.dynamic_scale,
+                                        dynamic_weight=self.dynamic_weight)
+        metrics["distill_mse"] = metrics.pop("mse")
+        return loss, metrics
+
+
+PLAIN_MSE = RegionWeights()
+
+
 def guidance_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Phase 1: MSE between the student's velocity and the guided teacher's at random t on x_t."""
+                  generator: torch.Generator | None = None, *, region: RegionWeights = PLAIN_MSE
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Phase 1: (region-weighted) MSE between the student's velocity and the guided teacher's at random t
+    on x_t."""
     t = sample_timesteps(x0.shape[0], generator, device=x0.device)
     noise = _draw(torch.randn, tuple(x0.shape), generator, x0).to(x0.dtype)
     x_t = interpolate(x0, noise, t)
     with torch.no_grad():
         target = teacher(x_t, t)
-    loss = (student(x_t, t).float() - target.float()).pow(2).mean()
-    return loss, {"distill_mse": loss.detach(), "t_mean": t.mean()}
+    loss, metrics = region.loss(student(x_t, t), target)
+    return loss, {**metrics, "t_mean": t.mean()}
 
 
 def step_targets(teacher: VelocityFn, x_start: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
@@ -204,15 +239,15 @@ def schedule_start(student: VelocityFn, x0: torch.Tensor, *, student_steps: int,
 
 
 def step_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, *, student_steps: int,
-              teacher_steps: int, rollout_fraction: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Phase 2: at a schedule_start (x_{t_i}, t_i), the student's velocity against step_targets."""
+              teacher_steps: int, rollout_fraction: float, generator: torch.Generator | None = None,
+              region: RegionWeights = PLAIN_MSE) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Phase 2: at a schedule_start (x_{t_i}, t_i), the student's velocity against step_targets
+    ((region-weighted) MSE)."""
     start = schedule_start(student, x0, student_steps=student_steps, rollout_fraction=rollout_fraction,
                            generator=generator)
     target = step_targets(teacher, start.x, start.t_from, start.t_to, teacher_steps // student_steps)
-    loss = (student(start.x, start.t_from).float() - target.float()).pow(2).mean()
-    return loss, {"distill_mse": loss.detach(), "t_mean": start.t_from.mean(),
-                  "rollout_share": start.from_rollout.float().mean()}
+    loss, metrics = region.loss(student(start.x, start.t_from), target)
+    return loss, {**metrics, "t_mean": start.t_from.mean(), "rollout_share": start.from_rollout.float().mean()}
 
 
 # -- DMD2 ---------------------------------------------------------------------------------------------
@@ -335,11 +370,15 @@ class DistillTask(SFTTask):
 
     # -- data ---------------------------------------------------------------------------------------
 
-    def identities(self) -> list[str]:
-        """The identities the parent sft stage fine-tuned (its options decide)."""
+    def sft_options(self) -> SFTOptions:
+        """The parent personality_sft stage's options (its identities, the mouth prior it trained with)."""
         config, stage = self.args["config"], self.args["stage"]
         (sft,) = [p for p in config["stages"][stage]["needs"] if config["stages"][p]["kind"] == "personality_sft"]
-        options = typed(SFTOptions, config["stages"][sft]["options"])
+        return typed(SFTOptions, config["stages"][sft]["options"])
+
+    def identities(self) -> list[str]:
+        """The identities the parent sft stage fine-tuned (its options decide)."""
+        options = self.sft_options()
         if options.identities:
             return list(options.identities)
         from avatarforge.data.index import read_index
@@ -354,6 +393,16 @@ class DistillTask(SFTTask):
             yield {**batch, "phase": phase_of(index, self.options.guidance_batches)}
 
     # -- training -----------------------------------------------------------------------------------
+
+    def region(self, x0: torch.Tensor) -> RegionWeights:
+        """The distillation MSE's weighting: the options' mouth weight and motion term on the sft stage's
+        mouth prior (the teacher's training weighting, by its own centre and width)."""
+        o = self.options
+        if o.mouth_weight == 1 and o.dynamic_weight == 0:
+            return PLAIN_MSE
+        mouth = replace(self.sft_options(), mouth_weight=o.mouth_weight)
+        return RegionWeights(mouth_weight_map(x0.shape, mouth).to(x0.device), o.dynamic_weight,
+                             mouth_prior(x0.shape, mouth).to(x0.device))
 
     def velocity_fns(self, batch: dict[str, Any], x0: torch.Tensor,
                      *models: nn.Module) -> tuple[VelocityFn, list[VelocityFn]]:
@@ -373,10 +422,11 @@ class DistillTask(SFTTask):
             loss, metrics = self.dmd_loss(model, batch, x0)
         else:
             teacher, (student,) = self.velocity_fns(batch, x0, model)
+            region = self.region(x0)
             if batch["phase"] == 1:
-                loss, metrics = guidance_loss(student, teacher, x0)
+                loss, metrics = guidance_loss(student, teacher, x0, region=region)
             else:
-                loss, metrics = step_loss(student, teacher, x0, student_steps=o.student_steps,
+                loss, metrics = step_loss(student, teacher, x0, student_steps=o.student_steps, region=region,
                                           teacher_steps=o.teacher_steps, rollout_fraction=o.rollout_fraction)
         out = {f"train/{k}": float(v) for k, v in metrics.items()}
         out["train/phase"] = float(batch["phase"])
@@ -390,8 +440,9 @@ class DistillTask(SFTTask):
         o = self.options
         teacher, (student, critic) = self.velocity_fns(batch, x0, model.student, model.critic)
         sampling = {"student_steps": o.student_steps, "rollout_fraction": o.rollout_fraction}
+        region = self.region(x0)
         if batch["phase"] == 1:
-            loss, metrics = guidance_loss(student, teacher, x0)
+            loss, metrics = guidance_loss(student, teacher, x0, region=region)
             with torch.no_grad():
                 x0_hat, _ = student_x0(student, x0, **sampling)
         else:
@@ -399,7 +450,8 @@ class DistillTask(SFTTask):
             loss, gen_metrics = dmd_generator_loss(x0_hat, teacher, critic)
             metrics.update(gen_metrics)
             if o.dmd_regression_weight > 0:
-                regression, reg_metrics = step_loss(student, teacher, x0, teacher_steps=o.teacher_steps, **sampling)
+                regression, reg_metrics = step_loss(student, teacher, x0, teacher_steps=o.teacher_steps,
+                                                    region=region, **sampling)
                 loss = loss + o.dmd_regression_weight * regression
                 metrics["distill_mse"] = reg_metrics["distill_mse"]
         fake, critic_metrics = critic_loss(critic, x0_hat, updates=o.dmd_critic_updates)
@@ -488,5 +540,5 @@ def build_task(args: dict[str, Any]) -> DistillTask:
 
 
 __all__ = ["DistillOptions", "DistillTask", "build_task", "phase_of", "integrate", "rollout", "guidance_loss",
-           "step_targets", "schedule_start", "step_loss", "StudentCritic", "student_of", "student_x0",
+           "RegionWeights", "step_targets", "schedule_start", "step_loss", "StudentCritic", "student_of", "student_x0",
            "dmd_generator_loss", "critic_loss", "model_conditions", "velocity_fn", "ratio", "video_mse"]

@@ -27,6 +27,7 @@ from avatarforge.stages.config import ConfigError, load_config
 from avatarforge.stages.distill import (
     DistillOptions,
     DistillTask,
+    RegionWeights,
     StudentCritic,
     check_options,
     critic_loss,
@@ -109,7 +110,8 @@ def test_options_are_checked():
                 DistillOptions(teacher_steps=2, student_steps=4), DistillOptions(rollout_fraction=1.5),
                 DistillOptions(guidance_batches=-1), DistillOptions(method="dmd3"),
                 DistillOptions(method="dmd2", dmd_critic_updates=0),
-                DistillOptions(method="dmd2", dmd_regression_weight=-1.0)):
+                DistillOptions(method="dmd2", dmd_regression_weight=-1.0), DistillOptions(mouth_weight=0.5),
+                DistillOptions(dynamic_weight=-1.0)):
         with pytest.raises(ValueError, match="distill"):
             check_options(bad)
     assert DistillOptions(method="dmd2").validate() == []
@@ -303,6 +305,61 @@ def test_dmd2_task_loss_trains_student_and_critic(setup, phase):
     assert all(p.grad is None for p in teacher.parameters())
     for part in (pair.student.dit, pair.student.audio_encoder, pair.critic.dit, pair.critic.audio_encoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_region_weights_put_the_loss_on_the_mouth_and_its_motion():
+    """The plain MSE by default; a weight map makes a weighted mean; the motion term scores only the error in
+    what changes over time, where its map weighs."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 4, 5, 5)
+    static = target.mean(dim=2, keepdim=True).expand_as(target)  # the right picture without its motion
+    plain, m = RegionWeights().loss(static, target)
+    assert torch.allclose(plain, (static - target).pow(2).mean()) and set(m) == {"distill_mse"}
+    mouth = torch.zeros(1, 1, 1, 5, 5)
+    mouth[..., 3, 2] = 1.0
+    only_mouth, _ = RegionWeights(weight=mouth).loss(static, target)
+    assert torch.allclose(only_mouth, (static - target)[..., 3, 2].pow(2).mean())
+    moving, m = RegionWeights(dynamic_scale=2.0, dynamic_weight=mouth).loss(static, target)
+    motion = (target - static)[..., 3, 2].pow(2).mean()
+    assert torch.allclose(m["dynamic"], motion) and torch.allclose(moving, plain + 2.0 * motion)
+    shifted = target + torch.randn(2, 3, 1, 5, 5)  # wrong picture, right motion: no motion error
+    _, m = RegionWeights(dynamic_scale=1.0).loss(shifted, target)
+    assert float(m["dynamic"]) < 1e-10
+
+
+def test_task_region_follows_the_sft_mouth_prior():
+    config = {"stages": {"sft": {"kind": "personality_sft", "options": {"mouth_center": [0.6875, 0.5625],
+                                                                         "mouth_sigma": 0.1}},
+                         "distill": {"kind": "distill", "needs": ["sft"], "options": {}}}}
+    task = DistillTask.__new__(DistillTask)
+    task.args, task.options = {"config": config, "stage": "distill"}, DistillOptions()
+    x0 = torch.zeros(1, 8, 3, 8, 8)
+    assert task.region(x0) is distill.PLAIN_MSE  # the defaults keep the plain MSE
+    task.options = DistillOptions(mouth_weight=4.0, dynamic_weight=10.0)
+    region = task.region(x0)
+    assert region.weight.shape == (1, 1, 1, 8, 8) and region.dynamic_scale == 10.0
+    peak = divmod(int(region.weight.flatten().argmax()), 8)
+    assert peak == (5, 4) and float(region.weight.max()) == pytest.approx(4.0)  # the latent at the centre
+    assert float(region.weight.min()) == pytest.approx(1.0, abs=1e-3)  # far from the mouth: weight 1
+    assert torch.equal(region.dynamic_weight.flatten().argmax(), region.weight.flatten().argmax())
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_mouth_weighting_changes_the_task_loss(setup, phase):
+    teacher = setup[0]
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    losses = {}
+    for weight in (1.0, 8.0):
+        task = latent_task(teacher, teacher_steps=4, student_steps=2, mouth_weight=weight, dynamic_weight=weight - 1)
+        task.region = lambda x0, t=task: RegionWeights(
+            1 + (t.options.mouth_weight - 1) * torch.eye(4).view(1, 1, 1, 4, 4), t.options.dynamic_weight,
+            torch.eye(4).view(1, 1, 1, 4, 4))
+        torch.manual_seed(0)
+        losses[weight] = task.loss(student, latent_batch(phase))
+    assert "train/dynamic" in losses[8.0][1] and "train/dynamic" not in losses[1.0][1]
+    assert float(losses[8.0][0].detach()) != pytest.approx(float(losses[1.0][0].detach()), rel=1e-3)
+    # same draws: the unweighted MSE of the two is equal
+    assert losses[8.0][1]["train/distill_mse"] == pytest.approx(losses[1.0][1]["train/distill_mse"], rel=1e-5)
 
 
 def test_dmd2_builds_student_and_critic_from_the_sft_weights(setup, monkeypatch):
