@@ -63,19 +63,14 @@ def windowed(run_dir: Path, count: int, workers: int) -> str:
     """Each rlhf policy vs the distilled policy on windowed held-out prompts (stages/quality.py)."""
     from avatarforge.stages import quality as q
     from avatarforge.stages.generate import Generator
-    from avatarforge.stages.prompts import personality_identities
 
     manifests = stage_manifests(run_dir)
     distill = [n for n, m in manifests.items() if m["kind"] == "distill"]
     if len(distill) != 1:
         raise SystemExit(f"{run_dir}: expected one finished distill stage, found {distill}")
     teacher = Generator(run_dir / "stages" / distill[0])
-    data, cfg = teacher.data, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    world = q.eval_world(data, f"{data.root}-quality", heldout_identities=8, reference_seconds=16.0)
-    speeches, _ = q.read_world(world, world.eval_split)
-    targets = personality_identities(cfg, world)
-    tuned = q.read_identities(world, world.train_split, targets)
-    prompts = q.make_prompts(q.spread(speeches, count), tuned, world, count=count, targets=targets)
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
     base = q.Policy("distilled", teacher.model, steps=teacher.defaults["steps"])
     lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities):", "",
              "| stage | oracle win rate vs distilled | sign-test p | utility (policy / distilled) | lip-sync corr "

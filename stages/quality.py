@@ -51,6 +51,7 @@ from avatarforge.data.synth.oracle import (
 )
 from avatarforge.data.synth.render import background, lighting
 from avatarforge.data.tokenizer import encode_text
+from avatarforge.stages.prompts import personality_identities
 from avatarforge.stages.sampling import StepFn, VelocityFn, euler_step, guided_velocity_fn, sample_windows
 
 SCORE_KEYS = ("lipsync_corr", "lipsync_conf", "lipsync_offset", "identity_error", "behaviour_error", "jitter",
@@ -296,6 +297,20 @@ def make_prompts(speeches: Sequence[Speech], identities: Mapping[str, IdentityRe
         prompts.append(Prompt(sp.key, target, sp.frames, sp.phonemes, rec.params, sp.scene, text, sp.wave, sp.key,
                               rec.reference, target, rec.scene))
     return prompts
+
+
+def tuned_identity_prompts(data: DataConfig, config: Mapping[str, Any], count: int, *, heldout_identities: int = 8,
+                           reference_seconds: float = 16.0, root: str | None = None
+                           ) -> tuple[DataConfig, list[Prompt]]:
+    """The quality world next to `data` (eval_world at `root`, default `{data.root}-quality`) and `count`
+    of its held-out speeches given to the identities the run's personality_sft stage fine-tuned: how the
+    benchmarks compare the later policies (distilled, RLHF) the way `generate` samples them."""
+    world = eval_world(data, root or f"{data.root}-quality", heldout_identities=heldout_identities,
+                       reference_seconds=reference_seconds)
+    speeches, _ = read_world(world, world.eval_split)
+    targets = personality_identities(dict(config), world)
+    tuned = read_identities(world, world.train_split, targets)
+    return world, make_prompts(spread(speeches, count), tuned, world, count=count, targets=targets)
 
 
 def with_other_audio(prompts: Sequence[Prompt], shift: int = 1) -> list[Prompt]:
@@ -622,7 +637,7 @@ def compare_policies(a: Policy, b: Policy, autoencoder: Any, prompts: Sequence[P
 
 __all__ = [
     "Speech", "IdentityRecord", "Prompt", "Policy", "SampleRun", "Scorer", "Comparison", "SCORE_KEYS",
-    "reference_frames_for", "eval_world", "read_world", "read_identities", "make_prompts", "spread", "with_other_audio", "with_other_reference",
+    "reference_frames_for", "eval_world", "read_world", "read_identities", "make_prompts", "tuned_identity_prompts", "spread", "with_other_audio", "with_other_reference",
     "with_caption_scene", "sample_prompts", "to_uint8", "to_float", "backdrop_rgb", "scene_backdrop_rgb", "score_video",
     "score_prompts", "sample_and_score", "sign_test_p", "paired_stats", "oracle_utility", "metric_table", "compare_policies",
 ]

@@ -286,3 +286,13 @@ def test_eval_world_is_the_same_world_with_more_heldout_identities(world, tmp_pa
     stamp = index.stat().st_mtime_ns
     assert q.eval_world(world, str(tmp_path / "big"), heldout_identities=3, reference_seconds=3.0).root == big.root
     assert index.stat().st_mtime_ns == stamp  # generated once
+
+
+def test_tuned_identity_prompts_give_heldout_speech_to_the_fine_tuned_identities(world, tmp_path):
+    config = {"stages": {"sft": {"kind": "personality_sft", "options": {"identities": ["id0001", "id0000"]}}}}
+    big, prompts = q.tuned_identity_prompts(world, config, 3, heldout_identities=3, reference_seconds=3.0,
+                                            root=str(tmp_path / "big"))
+    heldout = {sp.key for sp in q.read_world(big, big.eval_split)[0]}
+    assert [p.identity for p in prompts] == ["id0001", "id0000", "id0001"]
+    assert all(p.key in heldout and p.reference_identity == p.identity for p in prompts)
+    assert len({p.key for p in prompts}) == 3

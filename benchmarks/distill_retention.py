@@ -1,0 +1,80 @@
+"""How much of the teacher a distilled student keeps: every distill-kind stage of a finished run against its
+teacher (the personality_sft model, sampled as the distill stage's options say: `teacher_steps` guided Euler
+steps), on
+the same held-out windowed prompts (fine-tuned identities, held-out speech, as `generate` samples them) and
+the same noise, judged by the oracle.
+
+    .venv/bin/python benchmarks/distill_retention.py runs/tiny [--prompts 32] [--workers 1]
+
+Per student: function evaluations and wall time per video of both, the student's share of the teacher's
+lip-sync, identity and behaviour scores (issue 5's target: >= 90% at >= 10x fewer evaluations), the paired
+lip-sync difference with its 95% bootstrap interval and sign test, and the student's oracle win rate. The
+distill stage's own eval uses a few prompts (tiny.yaml: 4), too few to tell a 50% share from 90%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def students_of(run_dir: Path) -> tuple[str, list[str]]:
+    """The run's personality_sft stage and its finished distill-kind stages."""
+    done = {p.parent.name: json.loads(p.read_text())["kind"] for p in (run_dir / "stages").glob("*/DONE.json")}
+    sft = [n for n, kind in done.items() if kind == "personality_sft"]
+    students = sorted(n for n, kind in done.items() if kind == "distill")
+    if len(sft) != 1 or not students:
+        raise SystemExit(f"{run_dir}: need one finished personality_sft stage and a distill stage, "
+                         f"found {sft} and {students}")
+    return sft[0], students
+
+
+def retention(run_dir: Path, count: int, workers: int) -> str:
+    from avatarforge.stages import quality as q
+    from avatarforge.stages.common import typed
+    from avatarforge.stages.distill import DistillOptions, ratio
+    from avatarforge.stages.generate import Generator
+
+    sft, students = students_of(run_dir)
+    teacher = Generator(run_dir / "stages" / sft)
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
+    lines = [f"Teacher `{sft}` vs each student, {len(prompts)} windowed held-out prompts ({prompts[0].frames} "
+             "frames), same noise:", "",
+             "| student | NFE / video (teacher / student) | wall s / video | lip-sync corr (teacher / student) "
+             "| keeps lip sync / identity / behaviour | lip-sync diff [95% CI], sign p | student win rate |",
+             "|---|---|---|---|---|---|---|"]
+    for name in students:
+        gen = Generator(run_dir / "stages" / name)
+        student = q.Policy(name, gen.model, steps=gen.defaults["steps"])
+        options = typed(DistillOptions, cfg["stages"][name]["options"])  # how its teacher sampled
+        teacher_policy = q.Policy("teacher", teacher.model, scales=options.teacher_scales(), steps=options.teacher_steps)
+        c = q.compare_policies(student, teacher_policy, teacher.autoencoder, prompts, world, workers=workers)
+        s, t = c.summary[name], c.summary["teacher"]
+        keeps = [ratio(s[k], t[k], higher) for k, higher in
+                 (("lipsync_corr", True), ("identity_error", False), ("behaviour_error", False))]
+        lip = c.metrics["lipsync_corr"]
+        lines.append(
+            f"| {name} | {t['nfe_per_video']:.0f} / {s['nfe_per_video']:.0f} | "
+            f"{t['seconds_per_video']:.2f} / {s['seconds_per_video']:.2f} | "
+            f"{t['lipsync_corr']:.3f} / {s['lipsync_corr']:.3f} | "
+            + " / ".join(f"{k:.0%}" for k in keeps)
+            + f" | {lip['diff']:+.3f} [{lip['ci_low']:+.3f}, {lip['ci_high']:+.3f}], {lip['sign_p']:.3f} | "
+            f"{c.utility_win_rate:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", default="runs/tiny")
+    parser.add_argument("--prompts", type=int, default=32, help="held-out windowed prompts")
+    parser.add_argument("--workers", type=int, default=1, help="oracle processes")
+    args = parser.parse_args()
+    print(retention(Path(args.run_dir), args.prompts, args.workers))
+
+
+if __name__ == "__main__":
+    main()
