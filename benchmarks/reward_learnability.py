@@ -5,32 +5,32 @@
 1. Groups: `--prompts` training speeches (whole 1.6 s clips) given to the fine-tuned identities, `--seeds`
    videos each from the distilled student, windowed as `generate` samples them; the oracle scores them.
    Pairs within a group are ordered by the noiseless oracle utility, 10% flipped (the rater's noise).
-2. The curriculum's reward model (model/reward.py, the run's reward stage config, audio encoder from the
-   policy) trained with Bradley-Terry, 4-fold cross-validation over prompts: held-out pair accuracy against
+2. The curriculum's reward model without its sync head (model/reward.py, the run's reward stage config,
+   audio encoder from the policy) trained with Bradley-Terry on the pairs alone, 4-fold cross-validation over prompts: held-out pair accuracy against
    the noiseless utility order and against the lip-sync order, on the whole clips and on their first window.
-3. A SyncNet-shaped probe: centred per-latent-frame mouth-region features dotted with centred per-frame audio
-   features, trained contrastively on the ground-truth training clips only (aligned audio preferred over
-   the same clip's audio shifted by 2-5 latent frames and over another clip's), then asked zero-shot to
-   rank the generated groups. It never sees a preference label.
+3. The reward model's sync head alone (model.reward.SyncHead: centred per-latent-frame mouth-region features
+   dotted with centred audio features), trained with sync_contrastive_loss on the ground-truth training
+   clips only (aligned audio preferred over the same clip's shifted audio and over another clip's), then
+   asked zero-shot to rank the generated groups. It never sees a preference label.
+4. The run's own reward stage (its exported weights; tiny: sync pretraining, then Bradley-Terry on the 9-frame
+   preference pairs) ranking the same groups.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from torch import nn
 
 from avatarforge.data.preferences import oracle_utility
-from avatarforge.model.audio import AudioEncoder, AudioEncoderConfig
-from avatarforge.model.reward import RewardModel, bradley_terry_loss
+from avatarforge.model.reward import RewardModel, SyncConfig, bradley_terry_loss, sync_contrastive_loss
 from avatarforge.stages import quality as q
-from avatarforge.stages.common import typed
 from avatarforge.stages.generate import Generator
 from avatarforge.stages.prompts import personality_identities
 from avatarforge.stages.reward import reward_model_config
@@ -53,33 +53,6 @@ def pair_accuracy(scores: np.ndarray, truth: np.ndarray, prompts: list[int]) -> 
                     right += (scores[p, a] - scores[p, b]) * d > 0
                     n += 1
     return right / max(n, 1)
-
-
-class SyncProbe(nn.Module):
-    """Centred mouth features . centred audio features per latent frame, averaged: a correlation-shaped score."""
-
-    def __init__(self, audio: AudioEncoderConfig, latent_channels: int, rows: slice, cols: slice) -> None:
-        super().__init__()
-        self.rows, self.cols = rows, cols
-        size = latent_channels * (rows.stop - rows.start) * (cols.stop - cols.start)
-        self.audio = AudioEncoder(audio)
-        self.video_head = nn.Sequential(nn.Linear(size, 128), nn.GELU(), nn.Linear(128, 32))
-        self.audio_head = nn.Sequential(nn.Linear(audio.dim, 128), nn.GELU(), nn.Linear(128, 32))
-
-    def features(self, latents: torch.Tensor, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, t = latents.shape[:3]
-        mouth = latents[..., self.rows, self.cols].permute(0, 2, 1, 3, 4).reshape(b, t, -1)
-        win = self.audio.windows(self.audio(wave), t, 1)
-        mask = win.mask.float().unsqueeze(-1)
-        return self.video_head(mouth), self.audio_head((win.tokens * mask).sum(2) / mask.sum(2).clamp_min(1))
-
-    @staticmethod
-    def score(video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        video, audio = video - video.mean(1, keepdim=True), audio - audio.mean(1, keepdim=True)
-        return (video * audio).sum(-1).mean(1)
-
-    def forward(self, latents: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
-        return self.score(*self.features(latents, wave))
 
 
 def main() -> None:
@@ -130,7 +103,7 @@ def main() -> None:
             rng = np.random.default_rng(fold)
             train = [pair for pair in pairs if pair[0] % 4 != fold]
             held = [p for p in range(n) if p % 4 == fold]
-            model = RewardModel(reward_model_config(cfg, "reward"))
+            model = RewardModel(replace(reward_model_config(cfg, "reward"), sync=SyncConfig(enabled=False)))
             model.load_audio_encoder(policy_state)
             opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
             for _ in range(args.steps):
@@ -155,35 +128,32 @@ def main() -> None:
         gt = torch.stack([ae.encode(odd_frames(sp.video)[None])[0] for sp in speeches])
     gt_wave = torch.stack([torch.nn.functional.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples]
                            for sp in speeches])
-    h, wd = lat.shape[-2:]
-    probe = SyncProbe(typed(AudioEncoderConfig, cfg["model"]["audio"]), lat.shape[2], slice(round(0.45 * h), round(0.8 * h)),
-                      slice(round(0.25 * wd), round(0.75 * wd)))
-    probe.audio.load_state_dict({k.removeprefix("audio_encoder."): v for k, v in policy_state.items()
-                                 if k.startswith("audio_encoder.")})
+    # the reward model's own sync head (model/reward.py), trained alone: only its sync loss has gradients there
+    probe = RewardModel(replace(reward_model_config(cfg, "reward"), sync=SyncConfig(enabled=True)))
+    probe.load_audio_encoder(policy_state)
     opt = torch.optim.AdamW(probe.parameters(), lr=5e-4, weight_decay=0.05)
-    rng, crop, t = np.random.default_rng(0), min(10, gt.shape[2] - 6), gt.shape[2]
-    for _ in range(args.probe_steps):
-        idx = torch.tensor(rng.integers(0, len(gt), 16))
-        video, audio = probe.features(gt[idx], gt_wave[idx])
-        start = rng.integers(0, t - crop + 1, 16)
-        shifted = np.clip(start + rng.choice([-1, 1], 16) * rng.integers(2, 6, 16), 0, t - crop)
-
-        def window(x: torch.Tensor, at: np.ndarray, order: list[int]) -> torch.Tensor:
-            return torch.stack([x[j, at[i]:at[i] + crop] for i, j in enumerate(order)])
-
-        own = list(range(16))
-        v = window(video, start, own)
-        aligned = SyncProbe.score(v, window(audio, start, own))
-        loss = (bradley_terry_loss(aligned, SyncProbe.score(v, window(audio, shifted, own)))[0]
-                + bradley_terry_loss(aligned, SyncProbe.score(v, window(audio, start, own[1:] + own[:1])))[0])
+    crop = min(10, gt.shape[2] - 4)
+    for step in range(args.probe_steps):
+        idx = torch.randint(0, len(gt), (16,), generator=torch.Generator().manual_seed(step))
+        loss, _ = sync_contrastive_loss(probe, gt[idx], gt_wave[idx], crop=crop,
+                                        generator=torch.Generator().manual_seed(10_000 + step))
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        out = probe(lat.flatten(0, 1), wave.repeat_interleave(s, 0)).view(n, s).numpy()
+        flat = lat.flatten(0, 1)
+        out = probe.sync(flat, probe.encode_audio(wave.repeat_interleave(s, 0), flat.shape[2])).view(n, s).numpy()
     report["sync_probe_zero_shot"] = {"utility": pair_accuracy(out, utility, list(range(n))),
                                       "lipsync": pair_accuracy(out, lip, list(range(n))),
                                       "ground_truth_clips": len(gt)}
+    stage = run / "stages" / "reward"
+    trained = RewardModel(reward_model_config(cfg, "reward"))
+    trained.load_state_dict(load_file(str(stage / "weights.safetensors")))
+    with torch.no_grad():
+        out = trained.eval()(flat, wave.repeat_interleave(s, 0), reference.repeat_interleave(s, 0)).view(n, s).numpy()
+    report["run_reward_stage"] = {"utility": pair_accuracy(out, utility, list(range(n))),
+                                  "lipsync": pair_accuracy(out, lip, list(range(n))),
+                                  "sync_head": trained.sync is not None}
     print(json.dumps(report, indent=2))
 
 

@@ -18,7 +18,12 @@ decoding. The network, one joint transformer over
 - the score token's output -> LayerNorm -> linear -> the scalar.
 
 Video and audio tokens carry the same temporal positions, so attention can check lip sync; the reference
-summary lets it check identity. The audio encoder has AvatarModel's structure and key names
+summary lets it check identity. With `sync.enabled` a SyncNet-shaped head adds a lip-sync term to the score:
+per token-frame features of the mouth region and of the audio window, each centred over time, dotted and
+averaged (a learned correlation of mouth motion with speech). `sync_contrastive_loss` trains it on
+ground-truth clips (aligned audio preferred over shifted or another clip's), as SyncNet is trained: the
+transformer alone, fitted to a few hundred preference pairs, does not learn lip sync
+(benchmarks/reward_learnability.py). The audio encoder has AvatarModel's structure and key names
 (`audio_encoder.*`): `load_audio_encoder` starts it from a trained avatar model's weights.
 """
 
@@ -38,6 +43,18 @@ from .text_encoder import TransformerBlock
 
 
 @dataclass
+class SyncConfig:
+    enabled: bool = False
+    dim: int = 32  # width of the mouth / audio features that are correlated
+    hidden: int = 128
+    # the mouth region, fractions of the latent grid (face-centred crops: the mouth at ~0.6 rows, 0.5
+    # columns), average-pooled to pool x pool so the head does not depend on the resolution
+    rows: list[float] = field(default_factory=lambda: [0.45, 0.8])
+    cols: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    pool: int = 4
+
+
+@dataclass
 class RewardModelConfig:
     latent_channels: int = 8
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
@@ -48,11 +65,47 @@ class RewardModelConfig:
     n_ref_summary: int = 8  # learned queries that pool the reference
     pos_freq_dim: int = 32  # sinusoid size per axis of the (t, h, w) position embedding
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 def _positions(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, freq_dim: int) -> torch.Tensor:
     """Sinusoids of (t, h, w) positions [N] each -> [N, 3 * freq_dim]."""
     return torch.cat([timestep_embedding(a.float(), freq_dim, max_period=100.0) for a in (t, h, w)], dim=-1)
+
+
+class SyncHead(nn.Module):
+    """Lip sync as a learned correlation: mouth features and audio features per token-frame, centred over
+    time, dotted and averaged. A still mouth or audio-independent motion scores ~0."""
+
+    def __init__(self, latent_channels: int, patch_t: int, audio_dim: int, cfg: SyncConfig) -> None:
+        super().__init__()
+        self.cfg, self.patch_t = cfg, patch_t
+        self.video = nn.Sequential(nn.Linear(latent_channels * patch_t * cfg.pool**2, cfg.hidden), nn.GELU(),
+                                   nn.Linear(cfg.hidden, cfg.dim))
+        self.audio = nn.Sequential(nn.Linear(audio_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
+
+    def features(self, video: torch.Tensor, audio: AudioWindows) -> tuple[torch.Tensor, torch.Tensor]:
+        """video latents [B, C, T, H, W], audio windows [B, G = T / patch_t, W, dim] -> ([B, G, d], [B, G, d])."""
+        b, c, t, h, w = video.shape
+        (r0, r1), (c0, c1) = self.cfg.rows, self.cfg.cols
+        mouth = video[..., int(r0 * h):max(int(r0 * h) + 1, round(r1 * h)),
+                      int(c0 * w):max(int(c0 * w) + 1, round(c1 * w))]
+        mouth = F.adaptive_avg_pool2d(mouth.flatten(1, 2), self.cfg.pool).view(b, c, t, -1)
+        g = t // self.patch_t
+        mouth = mouth.view(b, c, g, self.patch_t, -1).permute(0, 2, 1, 3, 4).reshape(b, g, -1)
+        mask = audio.mask.unsqueeze(-1).to(audio.tokens.dtype)
+        pooled = (audio.tokens * mask).sum(2) / mask.sum(2).clamp_min(1.0)
+        return self.video(mouth), self.audio(pooled)
+
+    @staticmethod
+    def score(video_features: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
+        """[B, G, d] each -> [B]: the mean over token-frames of the dot product of the time-centred features."""
+        v = video_features - video_features.mean(1, keepdim=True)
+        a = audio_features - audio_features.mean(1, keepdim=True)
+        return (v * a).sum(-1).mean(1)
+
+    def forward(self, video: torch.Tensor, audio: AudioWindows) -> torch.Tensor:
+        return self.score(*self.features(video, audio))
 
 
 class RewardModel(nn.Module):
@@ -77,6 +130,7 @@ class RewardModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
+        self.sync = SyncHead(cfg.latent_channels, cfg.patch_size[0], cfg.audio.dim, cfg.sync) if cfg.sync.enabled else None
 
     def _audio_width(self) -> int:
         """Features per token-frame window: what AudioEncoder.windows returns for this patch size."""
@@ -145,7 +199,45 @@ class RewardModel(nn.Module):
         h, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         for block in self.blocks:
             h = block(h, mask)
-        return self.head(self.norm(h[:, 0])).squeeze(-1).float()
+        score = self.head(self.norm(h[:, 0])).squeeze(-1).float()
+        if self.sync is not None and audio is not None:
+            score = score + self.sync(video, audio).float()
+        return score
+
+
+def sync_contrastive_loss(model: RewardModel, latents: torch.Tensor, wave: torch.Tensor, *, crop: int,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SyncNet-style training of the sync head (and the audio encoder) on ground-truth clips: latents
+    [B >= 2, C, T, H, W] with their own audio [B, S]. Per clip a random window of `crop` token-frames; its
+    aligned audio must score above the same clip's audio shifted by up to 2 .. crop / 2 token-frames (same
+    voice, wrong timing; near the clip's ends the farther of the two directions) and above the next clip's audio at the same place (Bradley-Terry on both). Metrics:
+    loss, accuracy (aligned above shifted)."""
+    if model.sync is None:
+        raise ValueError("sync_contrastive_loss needs a reward model with sync.enabled")
+    b, g = latents.shape[0], latents.shape[2] // model.cfg.patch_size[0]
+    max_shift = min(crop // 2, g - crop)
+    if b < 2 or max_shift < 2:
+        raise ValueError(f"need >= 2 clips and >= crop + 2 = {crop + 2} token-frames, got {b} clips of {g}")
+    video, audio = model.sync.features(latents, model.encode_audio(wave, latents.shape[2]))
+
+    def draw(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (b,), generator=generator).to(latents.device)
+
+    start = draw(g - crop + 1)
+    shift = (draw(max_shift - 1) + 2) * (draw(2) * 2 - 1)
+    forward, backward = (start + shift).clamp(0, g - crop), (start - shift).clamp(0, g - crop)
+    shifted = torch.where((forward - start).abs() >= (backward - start).abs(), forward, backward)  # the farther
+    frames = torch.arange(crop, device=latents.device)
+
+    def window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, (at[:, None] + frames)[..., None].expand(-1, -1, x.shape[-1]))
+
+    v = window(video, start)
+    aligned = SyncHead.score(v, window(audio, start))
+    off = SyncHead.score(v, window(audio, shifted))
+    other = SyncHead.score(v, window(audio.roll(1, dims=0), start))
+    loss = 0.5 * (bradley_terry_loss(aligned, off)[0] + bradley_terry_loss(aligned, other)[0])
+    return loss, {"loss": loss.detach(), "accuracy": pair_accuracy(aligned, off)}
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor
@@ -166,4 +258,5 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
-__all__ = ["RewardModelConfig", "RewardModel", "bradley_terry_loss", "pair_accuracy"]
+__all__ = ["RewardModelConfig", "SyncConfig", "SyncHead", "RewardModel", "bradley_terry_loss", "pair_accuracy",
+           "sync_contrastive_loss"]

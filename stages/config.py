@@ -159,6 +159,10 @@ def check_config(cfg: DictConfig) -> None:
                 elif source and audio != audios["model.audio"]:
                     errors.append(f"stages.{name}.options.model.audio: must equal model.audio to start from "
                                   f"{source!r}'s audio encoder")
+                if getattr(options, "sync_pretrain_steps", 0) and not any(
+                        n in cfg.stages and cfg.stages[n].kind == "autoencoder" for n in stage.needs):
+                    errors.append(f"stages.{name}.options.sync_pretrain_steps: needs an autoencoder stage in "
+                                  f"the stage's needs (it encodes the ground-truth clips)")
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
     errors += _check_audio_alignment(cfg, audios)

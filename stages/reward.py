@@ -1,6 +1,11 @@
 """Stage `reward_model`: a video + audio + reference scorer fitted to the collected preference pairs with
 the Bradley-Terry loss. Evaluated on the held-out prompts' pairs: accuracy against the rater's labels (what
 it was taught, noise included) and against the noiseless oracle ordering (what we actually want).
+
+With `sync_pretrain_steps` > 0 (and `model.sync.enabled`) the first steps train the model's sync head and
+audio encoder contrastively on ground-truth training clips (model.reward.sync_contrastive_loss), encoded by
+the autoencoder parent, before the Bradley-Terry steps: lip-sync perception learned from the data, which a
+few hundred preference pairs do not teach (benchmarks/reward_learnability.py).
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from avatarforge.data.config import DataConfig
 from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
-from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss
-from avatarforge.stages.common import epoch_batches, typed
+from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss, sync_contrastive_loss
+from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
 
 
 @dataclass
@@ -27,6 +34,20 @@ class RewardOptions:
     # reward model's, so its audio features already follow what the mouth does ("" = from scratch). Checked
     # before Ray starts: it must be in the stage's `needs` with the same audio encoder config.
     audio_encoder_from: str = ""
+    # contrastive sync pretraining on ground-truth training clips before the Bradley-Terry steps (counted in
+    # train.steps); needs model.sync.enabled and an autoencoder parent
+    sync_pretrain_steps: int = 0
+    sync_clips: int = 64  # training clips read (whole clips)
+    sync_batch_size: int = 16
+    sync_crop: int = 8  # token-frames per contrastive window
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.sync_pretrain_steps < 0 or self.sync_clips < 2 or self.sync_batch_size < 2 or self.sync_crop < 2:
+            errors.append("sync_pretrain_steps must be >= 0 and sync_clips, sync_batch_size, sync_crop >= 2")
+        if self.sync_pretrain_steps and not self.model.sync.enabled:
+            errors.append("sync_pretrain_steps: needs model.sync.enabled (the head it trains)")
+        return errors
 
 
 @dataclass
@@ -109,8 +130,33 @@ class RewardTask:
         heldout = [g for g in groups if g.meta["split"] == "heldout"]
         self.heldout = pair_set(heldout) if heldout else None
 
+        self.data = typed(DataConfig, config["data"])
+        self.autoencoder_weights = parent_of_kind(args, "autoencoder") if self.options.sync_pretrain_steps else ""
+        self._truth: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def build_model(self) -> nn.Module:
         return RewardModel(self.options.model)
+
+    def ground_truth(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `sync_clips` whole training clips as latents [N, C, T, H, W] (cut to the shortest, an odd
+        frame count for the autoencoder) and their audio [N, S] (read once, on CPU)."""
+        if self._truth is None:
+            from avatarforge.stages.quality import read_world  # decodes whole clips; only sync needs it
+
+            speeches, _ = read_world(self.data, self.data.train_split)
+            speeches = speeches[: self.options.sync_clips]
+            if len(speeches) < 2:
+                raise ValueError(f"sync pretraining needs >= 2 training clips, found {len(speeches)}")
+            frames = min(sp.frames for sp in speeches)
+            frames -= 1 - frames % 2  # 1 + 2k
+            samples = round(frames * self.data.sample_rate / self.data.fps)
+            autoencoder = FrozenAutoencoder(self.args["config"]["model"]["autoencoder"], self.autoencoder_weights)
+            with torch.no_grad():
+                latents = torch.cat([autoencoder.encode(torch.from_numpy(sp.video[:frames]).float()
+                                                        .permute(3, 0, 1, 2)[None] / 127.5 - 1) for sp in speeches])
+            wave = torch.stack([F.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples] for sp in speeches])
+            self._truth = latents, wave
+        return self._truth
 
     def init_from_parents(self, model: nn.Module) -> None:
         """From scratch, except the audio encoder when `audio_encoder_from` names a parent avatar model."""
@@ -121,12 +167,21 @@ class RewardTask:
             model.load_audio_encoder(load_file(self.args["parent_weights"][source]))
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
+        """`sync_pretrain_steps` contrastive batches of ground-truth clips, then preference pairs; each batch
+        follows from its position (and rank), so a resumed run continues where it stopped."""
+        o = self.options
+        for index in range(start_batch, o.sync_pretrain_steps):
+            latents, wave = self.ground_truth()
+            g = torch.Generator().manual_seed(self.seed * 7919 + index * world_size + rank)
+            pick = torch.randperm(len(wave), generator=g)[: o.sync_batch_size]
+            yield {"sync_latents": latents[pick], "sync_wave": wave[pick],
+                   "sync_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=g))}
         for index in epoch_batches(len(self.train), self.batch_size, seed=self.seed, rank=rank,
-                                   world_size=world_size, start_batch=start_batch):
+                                   world_size=world_size, start_batch=max(0, start_batch - o.sync_pretrain_steps)):
             yield self.train.batch(index)
 
     def batch_stats(self, batch: Any) -> tuple[int, int]:
-        return batch["chosen"].shape[0], 0
+        return (batch["sync_wave"] if "sync_wave" in batch else batch["chosen"]).shape[0], 0
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.cat([batch["chosen"], batch["rejected"]])
@@ -134,6 +189,11 @@ class RewardTask:
         return r.chunk(2)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        if "sync_latents" in batch:
+            loss, metrics = sync_contrastive_loss(model, batch["sync_latents"], batch["sync_wave"],
+                                                  crop=self.options.sync_crop,
+                                                  generator=torch.Generator().manual_seed(batch["sync_seed"]))
+            return loss, {f"train/sync_{k}": float(v) for k, v in metrics.items() if k != "loss"}
         r_chosen, r_rejected = self.scores(model, batch)
         loss, metrics = bradley_terry_loss(r_chosen, r_rejected)
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}

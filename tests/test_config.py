@@ -192,3 +192,15 @@ def test_cut_curriculum_keeps_the_named_stages(tmp_path):
     assert cfg.stages.t2v.train.steps == load_config(TINY).stages.t2v.train.steps
     with pytest.raises(ConfigError, match=r"stages\.t2v\.needs: unknown stage 'autoencoder'"):
         load_config(cut_curriculum(TINY, ("t2v",), tmp_path / "t2v_only.yaml"))
+
+
+def test_reward_sync_pretraining_is_checked_before_ray_starts():
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.sync_pretrain_steps: needs model\.sync\.enabled"):
+        load_config(TINY, ["stages.reward.options.sync_pretrain_steps=10",
+                           "stages.reward.options.model.sync.enabled=false"])
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.sync_pretrain_steps: needs an autoencoder"):
+        load_config(TINY, ["stages.reward.options.sync_pretrain_steps=10", "stages.reward.options.model.sync.enabled=true",
+                           "stages.reward.needs=[preferences,distill]"])
+    ok = load_config(TINY, ["stages.reward.options.sync_pretrain_steps=10", "stages.reward.options.model.sync.enabled=true",
+                            "stages.reward.needs=[preferences,distill,autoencoder]"])
+    assert ok.stages.reward.options.sync_pretrain_steps == 10

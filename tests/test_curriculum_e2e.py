@@ -98,7 +98,8 @@ def test_last_stages_collect_rate_reward_and_align(finished_run):
         assert 0.0 <= reward["metrics"][key] <= 1.0
     cfg = OmegaConf.to_container(OmegaConf.load(stages / "reward" / "config.yaml"), resolve=True)
     model = RewardModel(typed(RewardModelConfig, cfg["stages"]["reward"]["options"]["model"]))
-    model.load_state_dict(load_file(reward["weights"]))
+    model.load_state_dict(load_file(reward["weights"]))  # strict: the sync head (tiny: sync pretraining) too
+    assert model.sync is not None and cfg["stages"]["reward"]["options"]["sync_pretrain_steps"] == 2
     # its audio encoder started from the distilled policy's (options.audio_encoder_from): still close to it
     policy = load_file(json.loads((stages / "distill" / "DONE.json").read_text())["weights"])
     for key in [k for k in policy if k.startswith("audio_encoder.") and policy[k].dim() == 2][:3]:

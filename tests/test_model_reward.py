@@ -10,7 +10,14 @@ import torch
 
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss, pair_accuracy
+from avatarforge.model.reward import (
+    RewardModel,
+    RewardModelConfig,
+    SyncConfig,
+    bradley_terry_loss,
+    pair_accuracy,
+    sync_contrastive_loss,
+)
 from avatarforge.model.text_encoder import TextEncoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,3 +144,61 @@ def test_tiny_training_run_learns_a_reference_dependent_ordering():
     after = pair_accuracy(rc, rr).item()
     assert after >= 0.85 and before < 0.7, (before.item(), after)
     assert bradley_terry_loss(rc, rr)[0].item() < math.log(2) - 0.2
+
+
+# -- the sync head ------------------------------------------------------------------------------------------
+
+
+def sync_model(seed: int = 0) -> RewardModel:
+    torch.manual_seed(seed)
+    return RewardModel(small_config(patch_size=[1, 2, 2], sync=SyncConfig(enabled=True, dim=8, hidden=16)))
+
+
+def test_sync_score_is_a_centred_correlation_and_adds_to_the_score():
+    model = sync_model().eval()
+    video, wave, ref = inputs(2)
+    windows = model.encode_audio(wave, video.shape[2])
+    v, a = model.sync.features(video, windows)
+    assert v.shape == a.shape == (2, 3, 8)
+    vc, ac = v - v.mean(1, keepdim=True), a - a.mean(1, keepdim=True)
+    assert torch.allclose(model.sync(video, windows), (vc * ac).sum(-1).mean(1), atol=1e-6)
+    still = video[:, :, :1].expand_as(video).contiguous()  # a frozen mouth: nothing moves with the audio
+    assert torch.allclose(model.sync(still, windows), torch.zeros(2), atol=1e-5)
+    plain = RewardModel(small_config(patch_size=[1, 2, 2]))
+    plain.load_state_dict({k: w for k, w in model.state_dict().items() if not k.startswith("sync.")})
+    with torch.no_grad():
+        assert torch.allclose(model(video, wave, ref), plain.eval()(video, wave, ref) + model.sync(video, windows),
+                              atol=1e-5)
+        assert torch.allclose(model(video, None, ref), plain(video, None, ref))  # no audio: no sync term
+
+
+def synced_clips(n: int, frames: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents whose mouth region opens with each clip's audio loudness per latent frame (2 video frames)."""
+    g = torch.Generator().manual_seed(seed)
+    loud = torch.rand(n, frames, generator=g)
+    per_sample = SAMPLES * 2 // 9 // 2  # samples per video frame at 25 fps, 16 kHz (640)
+    wave = torch.randn(n, frames * 2 * per_sample, generator=g) * loud.repeat_interleave(2 * per_sample, 1)
+    latents = torch.randn(n, C, frames, 8, 8, generator=g) * 0.1
+    latents[:, :, :, 4:6, 3:5] += 3 * loud[:, None, :, None, None]
+    return latents, wave
+
+
+def test_sync_contrastive_training_learns_which_audio_fits():
+    model = sync_model()
+    latents, wave = synced_clips(16, frames=12)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    accuracies = []
+    for step in range(100):
+        loss, m = sync_contrastive_loss(model, latents, wave, crop=6, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accuracies.append(float(m["accuracy"]))
+    assert sum(accuracies[-20:]) / 20 > 0.8 > 0.7 > sum(accuracies[:5]) / 5
+    moved = {k.split(".")[0] for k, p in model.named_parameters() if not torch.equal(p, before[k])}
+    assert moved == {"sync", "audio_encoder"}  # the transformer and its heads are left to the pairs
+    with pytest.raises(ValueError, match="token-frames"):
+        sync_contrastive_loss(model, latents[:, :, :7], wave, crop=6)
+    with pytest.raises(ValueError, match="sync.enabled"):
+        sync_contrastive_loss(RewardModel(small_config()), latents, wave, crop=6)

@@ -1,0 +1,71 @@
+"""The reward stage's batch stream (sync pretraining batches, then preference pairs; resumable) and its loss
+on both kinds of batch."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import pytest
+import torch
+
+from avatarforge.model.audio import AudioEncoderConfig
+from avatarforge.model.reward import RewardModel, RewardModelConfig, SyncConfig
+from avatarforge.stages.reward import PairSet, RewardOptions, RewardTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, SAMPLES = 8, 7680  # 12 frames at 25 fps, 16 kHz
+
+
+def task(sync_steps: int = 3) -> RewardTask:
+    g = torch.Generator().manual_seed(0)
+    t = RewardTask.__new__(RewardTask)
+    model = RewardModelConfig(latent_channels=C, dim=32, depth=1, heads=4, n_ref_summary=2, patch_size=[1, 2, 2],
+                              audio=AudioEncoderConfig(dim=32, layers=1, heads=2),
+                              sync=SyncConfig(enabled=True, dim=8, hidden=16))
+    t.options = RewardOptions(model=model, sync_pretrain_steps=sync_steps, sync_batch_size=3, sync_crop=4)
+    t.seed, t.batch_size = 0, 2
+    t.train = PairSet(latents=torch.randn(8, C, 12, 4, 4, generator=g), reference=torch.randn(2, C, 2, 4, 4, generator=g),
+                      audio=torch.randn(2, SAMPLES, generator=g) * 0.1, text=torch.zeros(2, 4, dtype=torch.long),
+                      text_mask=torch.ones(2, 4, dtype=torch.bool), chosen=torch.tensor([0, 2, 4, 6]),
+                      rejected=torch.tensor([1, 3, 5, 7]), group=torch.tensor([0, 0, 1, 1]),
+                      oracle_agrees=torch.ones(4, dtype=torch.bool), oracle_known=torch.ones(4, dtype=torch.bool))
+    t._truth = torch.randn(5, C, 12, 4, 4, generator=g), torch.randn(5, SAMPLES, generator=g) * 0.1
+    return t
+
+
+def kinds(batches) -> list[str]:
+    return ["sync" if "sync_latents" in b else "pairs" for b in batches]
+
+
+def test_sync_batches_come_first_and_resume_exactly():
+    t = task()
+    whole = list(islice(t.train_batches(rank=0, world_size=1, start_batch=0), 6))
+    assert kinds(whole) == ["sync"] * 3 + ["pairs"] * 3
+    assert whole[0]["sync_latents"].shape == (3, C, 12, 4, 4) and whole[0]["sync_wave"].shape == (3, SAMPLES)
+    for start in (2, 4):
+        resumed = list(islice(t.train_batches(rank=0, world_size=1, start_batch=start), 6 - start))
+        for a, b in zip(resumed, whole[start:], strict=True):
+            assert a.keys() == b.keys() and all(
+                torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    other_rank = next(t.train_batches(rank=1, world_size=2, start_batch=0))
+    assert other_rank["sync_seed"] != whole[0]["sync_seed"]
+    assert kinds(islice(task(sync_steps=0).train_batches(rank=0, world_size=1, start_batch=0), 2)) == ["pairs"] * 2
+
+
+def test_loss_on_both_kinds_of_batch():
+    t = task()
+    torch.manual_seed(0)
+    model = RewardModel(t.options.model)
+    sync_batch, _, _, pair_batch = islice(t.train_batches(rank=0, world_size=1, start_batch=0), 4)
+    loss, metrics = t.loss(model, sync_batch)
+    assert set(metrics) == {"train/sync_accuracy"} and torch.isfinite(loss)
+    assert t.batch_stats(sync_batch) == (3, 0) and t.batch_stats(pair_batch) == (2, 0)
+    loss, metrics = t.loss(model, pair_batch)
+    assert {"train/accuracy", "train/margin"} <= set(metrics) and torch.isfinite(loss)
+
+
+def test_options_validate_the_sync_settings():
+    assert RewardOptions().validate() == []
+    assert "needs model.sync.enabled" in RewardOptions(sync_pretrain_steps=5).validate()[0]
+    assert RewardOptions(sync_crop=1).validate()
