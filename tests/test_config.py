@@ -181,7 +181,8 @@ def test_reward_audio_encoder_source_must_be_a_parent_with_the_same_audio():
     with pytest.raises(ConfigError, match=r"stages\.reward\.options\.model\.audio: must equal model\.audio"):
         load_config(TINY, ["stages.reward.options.audio_encoder_from=distill", "stages.reward.needs=[preferences,distill]",
                            "stages.reward.options.model.audio.dim=64"])
-    cfg = load_config(TINY, ["stages.reward.options.audio_encoder_from=distill", "stages.reward.needs=[preferences,distill]"])
+    cfg = load_config(TINY, ["stages.reward.options.audio_encoder_from=distill",
+                             "stages.reward.needs=[preferences,distill,autoencoder]"])
     assert cfg.stages.reward.options.audio_encoder_from == "distill"
 
 
