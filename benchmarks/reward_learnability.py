@@ -33,13 +33,7 @@ from avatarforge.model.reward import RewardModel, SyncConfig, bradley_terry_loss
 from avatarforge.stages import quality as q
 from avatarforge.stages.generate import Generator
 from avatarforge.stages.prompts import personality_identities
-from avatarforge.stages.reward import reward_model_config
-
-
-def odd_frames(video: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> [3, T', H, W] in [-1, 1] with T' = 1 + 2k frames (what the autoencoder takes)."""
-    t = 1 + 2 * ((len(video) - 1) // 2)
-    return torch.from_numpy(video[:t]).float().permute(3, 0, 1, 2) / 127.5 - 1
+from avatarforge.stages.reward import encode_clips, reward_model_config
 
 
 def pair_accuracy(scores: np.ndarray, truth: np.ndarray, prompts: list[int]) -> float:
@@ -81,10 +75,11 @@ def main() -> None:
         for k in range(s):
             sampled, got = q.sample_and_score(policy, ae, prompts, world, scorer, seed=1000 * k, batch_size=16)
             scores.append(got)
-            latents.append(torch.stack([ae.encode(odd_frames(v)[None])[0] for v in sampled.videos]))
+            latents.append(torch.cat([ae.encode(q.to_float(v[: ae.encodable_frames(len(v))])[None])
+                                      for v in sampled.videos]))
         reference = torch.stack([ae.encode(p.reference[:, :9][None].float())[0] for p in prompts])
     lat = torch.stack(latents, dim=1)  # [P, S, C, T, H, W]
-    samples = int(round(lat.shape[3] * 2 / world.fps * world.sample_rate))
+    samples = round(prompts[0].frames * world.sample_rate / world.fps)  # the clips' whole audio
     wave = torch.stack([torch.nn.functional.pad(p.wave, (0, max(0, samples - len(p.wave))))[:samples] for p in prompts])
     utility = np.array([[oracle_utility(scores[k][p]) for k in range(s)] for p in range(n)])
     lip = np.array([[scores[k][p].get("lipsync_corr", np.nan) for k in range(s)] for p in range(n)])
@@ -124,10 +119,7 @@ def main() -> None:
         print(clip, report[f"reward_model_{clip}"], flush=True)
 
     # 3. the sync probe: ground-truth clips only, then zero-shot on the groups
-    with torch.no_grad():
-        gt = torch.stack([ae.encode(odd_frames(sp.video)[None])[0] for sp in speeches])
-    gt_wave = torch.stack([torch.nn.functional.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples]
-                           for sp in speeches])
+    gt, gt_wave = encode_clips(ae, speeches, world)
     # the reward model's own sync head (model/reward.py), trained alone: only its sync loss has gradients there
     probe = RewardModel(replace(reward_model_config(cfg, "reward"), sync=SyncConfig(enabled=True)))
     probe.load_audio_encoder(policy_state)

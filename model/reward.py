@@ -130,7 +130,8 @@ class RewardModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
-        self.sync = SyncHead(cfg.latent_channels, cfg.patch_size[0], cfg.audio.dim, cfg.sync) if cfg.sync.enabled else None
+        self.sync = (SyncHead(cfg.latent_channels, cfg.patch_size[0], cfg.audio.dim, cfg.sync)
+                     if cfg.sync.enabled else None)
 
     def _audio_width(self) -> int:
         """Features per token-frame window: what AudioEncoder.windows returns for this patch size."""
@@ -210,8 +211,8 @@ def sync_contrastive_loss(model: RewardModel, latents: torch.Tensor, wave: torch
     """SyncNet-style training of the sync head (and the audio encoder) on ground-truth clips: latents
     [B >= 2, C, T, H, W] with their own audio [B, S]. Per clip a random window of `crop` token-frames; its
     aligned audio must score above the same clip's audio shifted by up to 2 .. crop / 2 token-frames (same
-    voice, wrong timing; near the clip's ends the farther of the two directions) and above the next clip's audio at the same place (Bradley-Terry on both). Metrics:
-    loss, accuracy (aligned above shifted)."""
+    voice, wrong timing; near the clip's ends the farther of the two directions) and above the next clip's
+    audio at the same place (Bradley-Terry on both). Metrics: loss, accuracy (aligned above shifted)."""
     if model.sync is None:
         raise ValueError("sync_contrastive_loss needs a reward model with sync.enabled")
     b, g = latents.shape[0], latents.shape[2] // model.cfg.patch_size[0]

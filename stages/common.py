@@ -99,6 +99,11 @@ class FrozenAutoencoder:
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.model.latent_shape(video_shape)
 
+    def encodable_frames(self, frames: int) -> int:
+        """The longest frame count <= `frames` the autoencoder takes: 1 + k * its temporal factor."""
+        tf = self.model.temporal_factor
+        return 1 + (frames - 1) // tf * tf
+
 
 def epoch_batches(n_items: int, batch_size: int, *, seed: int, rank: int, world_size: int,
                   start_batch: int) -> Iterator[list[int]]:

@@ -10,7 +10,7 @@ few hundred preference pairs do not teach (benchmarks/reward_learnability.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from avatarforge.data.config import DataConfig
 from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
 from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss, sync_contrastive_loss
 from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
+from avatarforge.stages.quality import Speech, read_world, to_float
 
 
 @dataclass
@@ -104,6 +105,17 @@ def pair_set(groups: list[PromptGroupRecord]) -> PairSet:
                    torch.tensor(rejected), torch.tensor(group), torch.tensor(agrees), torch.tensor(known))
 
 
+def encode_clips(autoencoder: FrozenAutoencoder, speeches: Sequence[Speech], data: DataConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole clips as latents [N, C, T, H, W], cut to the shortest clip's longest encodable frame count, and
+    their audio over those frames [N, S] (zero-padded where a clip's audio is shorter)."""
+    frames = autoencoder.encodable_frames(min(sp.frames for sp in speeches))
+    samples = round(frames * data.sample_rate / data.fps)
+    latents = torch.cat([autoencoder.encode(to_float(sp.video[:frames])[None]) for sp in speeches])
+    wave = torch.stack([F.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples] for sp in speeches])
+    return latents, wave
+
+
 def preference_groups(args: dict[str, Any]) -> list[PromptGroupRecord]:
     """The groups of the (single) preference_collect parent."""
     config, stage = args["config"], args["stage"]
@@ -138,24 +150,13 @@ class RewardTask:
         return RewardModel(self.options.model)
 
     def ground_truth(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `sync_clips` whole training clips as latents [N, C, T, H, W] (cut to the shortest, an odd
-        frame count for the autoencoder) and their audio [N, S] (read once, on CPU)."""
+        """The first `sync_clips` whole training clips, encoded (encode_clips; read once, on CPU)."""
         if self._truth is None:
-            from avatarforge.stages.quality import read_world  # decodes whole clips; only sync needs it
-
             speeches, _ = read_world(self.data, self.data.train_split)
-            speeches = speeches[: self.options.sync_clips]
             if len(speeches) < 2:
                 raise ValueError(f"sync pretraining needs >= 2 training clips, found {len(speeches)}")
-            frames = min(sp.frames for sp in speeches)
-            frames -= 1 - frames % 2  # 1 + 2k
-            samples = round(frames * self.data.sample_rate / self.data.fps)
             autoencoder = FrozenAutoencoder(self.args["config"]["model"]["autoencoder"], self.autoencoder_weights)
-            with torch.no_grad():
-                latents = torch.cat([autoencoder.encode(torch.from_numpy(sp.video[:frames]).float()
-                                                        .permute(3, 0, 1, 2)[None] / 127.5 - 1) for sp in speeches])
-            wave = torch.stack([F.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples] for sp in speeches])
-            self._truth = latents, wave
+            self._truth = encode_clips(autoencoder, speeches[: self.options.sync_clips], self.data)
         return self._truth
 
     def init_from_parents(self, model: nn.Module) -> None:

@@ -69,3 +69,26 @@ def test_options_validate_the_sync_settings():
     assert RewardOptions().validate() == []
     assert "needs model.sync.enabled" in RewardOptions(sync_pretrain_steps=5).validate()[0]
     assert RewardOptions(sync_crop=1).validate()
+
+
+def test_encode_clips_cuts_to_the_shortest_encodable_length(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from avatarforge.data.config import DataConfig
+    from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+    from avatarforge.stages.common import FrozenAutoencoder
+    from avatarforge.stages.quality import Speech
+    from avatarforge.stages.reward import encode_clips
+
+    cfg = {"latent_channels": 4, "base_channels": 8, "temporal_downsample": [True, True]}  # 4x in time
+    save_file(VideoAutoencoder(AutoencoderConfig(**cfg)).state_dict(), str(tmp_path / "ae.safetensors"))
+    ae = FrozenAutoencoder(cfg, tmp_path / "ae.safetensors")
+    assert [ae.encodable_frames(t) for t in (1, 4, 5, 12, 13)] == [1, 1, 5, 9, 13]
+    data = DataConfig(fps=25, sample_rate=16000)
+    rng = np.random.default_rng(0)
+    speeches = [Speech(f"c{t}", "id", torch.ones(samples), None, t, {},
+                       rng.integers(0, 255, (t, 32, 32, 3), dtype=np.uint8)) for t, samples in ((12, 3000), (15, 9600))]
+    latents, wave = encode_clips(ae, speeches, data)
+    assert latents.shape[:3] == (2, 4, 3) and wave.shape == (2, 9 * 640)  # 9 frames: 1 + 2 * 4 of the 12
+    assert wave[0, -1] == 0 and wave[1, -1] == 1  # the short clip's missing audio is padded with silence
