@@ -7,7 +7,7 @@ both (a reward rise without an oracle win is reward hacking), the oracle utility
 training KL to the distilled policy. Also the reward model's held-out pair accuracy.
 
     avatarforge run configs/curriculum/tiny.yaml configs/curriculum/rlhf_ablations.yaml
-    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny [--windowed 24]
+    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny [--windowed 24 [--stages rlhf ...]]
 
 --windowed N also compares every rlhf policy with the distilled one the way `generate` samples: N held-out
 prompts of >= 1.6 s (several windows each) for the fine-tuned identities, same noise, scored by the oracle
@@ -59,8 +59,9 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def windowed(run_dir: Path, count: int, workers: int) -> str:
-    """Each rlhf policy vs the distilled policy on windowed held-out prompts (stages/quality.py)."""
+def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = None) -> str:
+    """Each rlhf policy (or those in `only`) vs the distilled policy on windowed held-out prompts
+    (stages/quality.py)."""
     from avatarforge.stages import quality as q
     from avatarforge.stages.generate import Generator
 
@@ -76,7 +77,7 @@ def windowed(run_dir: Path, count: int, workers: int) -> str:
              "| stage | oracle win rate vs distilled | sign-test p | utility (policy / distilled) | lip-sync corr "
              "| identity error | behaviour error |", "|---|---|---|---|---|---|---|"]
     for name, m in manifests.items():
-        if m["kind"] != "rlhf":
+        if m["kind"] != "rlhf" or (only and name not in only):
             continue
         gen = Generator(run_dir / "stages" / name)
         policy = q.Policy(name, gen.model, steps=gen.defaults["steps"])
@@ -95,10 +96,11 @@ def main() -> None:
     parser.add_argument("run_dir", nargs="?", default="runs/tiny")
     parser.add_argument("--windowed", type=int, default=0, help="held-out windowed prompts per comparison (0: off)")
     parser.add_argument("--workers", type=int, default=1, help="oracle processes")
+    parser.add_argument("--stages", nargs="*", default=None, help="windowed: only these rlhf stages")
     args = parser.parse_args()
     print(report(Path(args.run_dir)))
     if args.windowed:
-        print(windowed(Path(args.run_dir), args.windowed, args.workers))
+        print(windowed(Path(args.run_dir), args.windowed, args.workers, args.stages))
 
 
 if __name__ == "__main__":

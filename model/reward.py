@@ -52,6 +52,11 @@ class SyncConfig:
     rows: list[float] = field(default_factory=lambda: [0.45, 0.8])
     cols: list[float] = field(default_factory=lambda: [0.25, 0.75])
     pool: int = 4
+    # "dot": the mean dot product of the time-centred features (unbounded: a policy optimised against it
+    # can raise it by amplitude alone); "cosine": their correlation over the whole clip (the centred
+    # features' cosine, in [-1, 1], as SyncNet's cosine similarity) times a learned scale
+    score: str = "dot"
+    init_scale: float = 10.0  # cosine: the learned scale's start (CLIP's inverse temperature)
 
 
 @dataclass
@@ -73,13 +78,21 @@ def _positions(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, freq_dim: int)
     return torch.cat([timestep_embedding(a.float(), freq_dim, max_period=100.0) for a in (t, h, w)], dim=-1)
 
 
+SYNC_SCORES = ("dot", "cosine")
+
+
 class SyncHead(nn.Module):
     """Lip sync as a learned correlation: mouth features and audio features per token-frame, centred over
     time, dotted and averaged. A still mouth or audio-independent motion scores ~0."""
 
     def __init__(self, latent_channels: int, patch_t: int, audio_dim: int, cfg: SyncConfig) -> None:
         super().__init__()
+        if cfg.score not in SYNC_SCORES:
+            raise ValueError(f"sync.score must be one of {SYNC_SCORES}, got {cfg.score!r}")
         self.cfg, self.patch_t = cfg, patch_t
+        if cfg.score == "cosine":
+            # shape [1], not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+            self.log_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_scale)))
         self.video = nn.Sequential(nn.Linear(latent_channels * patch_t * cfg.pool**2, cfg.hidden), nn.GELU(),
                                    nn.Linear(cfg.hidden, cfg.dim))
         self.audio = nn.Sequential(nn.Linear(audio_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
@@ -97,12 +110,15 @@ class SyncHead(nn.Module):
         pooled = (audio.tokens * mask).sum(2) / mask.sum(2).clamp_min(1.0)
         return self.video(mouth), self.audio(pooled)
 
-    @staticmethod
-    def score(video_features: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
-        """[B, G, d] each -> [B]: the mean over token-frames of the dot product of the time-centred features."""
+    def score(self, video_features: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
+        """[B, G, d] each -> [B]: the time-centred features' mean dot product per token-frame ("dot"), or
+        their cosine over the whole window times the learned scale ("cosine")."""
         v = video_features - video_features.mean(1, keepdim=True)
         a = audio_features - audio_features.mean(1, keepdim=True)
-        return (v * a).sum(-1).mean(1)
+        if self.cfg.score == "dot":
+            return (v * a).sum(-1).mean(1)
+        cosine = (v * a).sum((1, 2)) / (v.flatten(1).norm(dim=1) * a.flatten(1).norm(dim=1)).clamp_min(1e-6)
+        return self.log_scale.clamp(max=math.log(100.0)).exp() * cosine
 
     def forward(self, video: torch.Tensor, audio: AudioWindows) -> torch.Tensor:
         return self.score(*self.features(video, audio))
@@ -234,9 +250,9 @@ def sync_contrastive_loss(model: RewardModel, latents: torch.Tensor, wave: torch
         return x.gather(1, (at[:, None] + frames)[..., None].expand(-1, -1, x.shape[-1]))
 
     v = window(video, start)
-    aligned = SyncHead.score(v, window(audio, start))
-    off = SyncHead.score(v, window(audio, shifted))
-    other = SyncHead.score(v, window(audio.roll(1, dims=0), start))
+    aligned = model.sync.score(v, window(audio, start))
+    off = model.sync.score(v, window(audio, shifted))
+    other = model.sync.score(v, window(audio.roll(1, dims=0), start))
     loss = 0.5 * (bradley_terry_loss(aligned, off)[0] + bradley_terry_loss(aligned, other)[0])
     return loss, {"loss": loss.detach(), "accuracy": pair_accuracy(aligned, off)}
 
@@ -259,5 +275,5 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
-__all__ = ["RewardModelConfig", "SyncConfig", "SyncHead", "RewardModel", "bradley_terry_loss", "pair_accuracy",
+__all__ = ["SYNC_SCORES", "RewardModelConfig", "SyncConfig", "SyncHead", "RewardModel", "bradley_terry_loss", "pair_accuracy",
            "sync_contrastive_loss"]

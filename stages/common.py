@@ -96,6 +96,12 @@ class FrozenAutoencoder:
         ae = self.model.to(latents.device)
         return ae.decode(ae.unscale_latent(latents)).clamp(-1, 1)
 
+    def round_trip(self, latents: torch.Tensor) -> torch.Tensor:
+        """encode(decode(latents)), differentiable in the latents: what survives decoding, e.g. to score
+        samples without the latent directions the decoder ignores (a reward gradient finds those)."""
+        ae = self.model.to(latents.device)
+        return ae.scale_latent(ae.encode(ae.decode(ae.unscale_latent(latents)).clamp(-1, 1)))
+
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.model.latent_shape(video_shape)
 

@@ -163,6 +163,8 @@ def check_config(cfg: DictConfig) -> None:
                         n in cfg.stages and cfg.stages[n].kind == "autoencoder" for n in stage.needs):
                     errors.append(f"stages.{name}.options.sync_pretrain_steps: needs an autoencoder stage in "
                                   f"the stage's needs (it encodes the ground-truth clips)")
+                if getattr(options, "reward_terms", "full") == "sync":
+                    errors += _check_sync_reward(cfg, name)
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
     errors += _check_audio_alignment(cfg, audios)
@@ -173,6 +175,15 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(str(exc))
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def _check_sync_reward(cfg: DictConfig, name: str) -> list[str]:
+    """An rlhf stage optimising only the reward's sync head needs a reward_model parent that has one."""
+    rewards = [p for p in cfg.stages[name].needs if p in cfg.stages and cfg.stages[p].kind == "reward_model"]
+    if not any(OmegaConf.select(cfg.stages[p], "options.model.sync.enabled", default=False) for p in rewards):
+        return [f"stages.{name}.options.reward_terms: 'sync' needs a reward_model parent with "
+                f"options.model.sync.enabled (found {rewards})"]
+    return []
 
 
 def _check_audio_alignment(cfg: DictConfig, audios: dict[str, AudioEncoderConfig]) -> list[str]:

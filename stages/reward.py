@@ -22,7 +22,13 @@ from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
-from avatarforge.model.reward import RewardModel, RewardModelConfig, bradley_terry_loss, sync_contrastive_loss
+from avatarforge.model.reward import (
+    SYNC_SCORES,
+    RewardModel,
+    RewardModelConfig,
+    bradley_terry_loss,
+    sync_contrastive_loss,
+)
 from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
 from avatarforge.stages.quality import Speech, read_world, to_float
 
@@ -46,6 +52,8 @@ class RewardOptions:
         errors = []
         if self.sync_pretrain_steps < 0 or self.sync_clips < 2 or self.sync_batch_size < 2 or self.sync_crop < 2:
             errors.append("sync_pretrain_steps must be >= 0 and sync_clips, sync_batch_size, sync_crop >= 2")
+        if self.model.sync.score not in SYNC_SCORES:
+            errors.append(f"model.sync.score: must be one of {SYNC_SCORES}, got {self.model.sync.score!r}")
         if self.sync_pretrain_steps and not self.model.sync.enabled:
             errors.append("sync_pretrain_steps: needs model.sync.enabled (the head it trains)")
         return errors

@@ -33,12 +33,23 @@ from avatarforge.model.grpo import flow_dpo_loss, gaussian_kl_same_std, group_ad
 from avatarforge.model.reward import RewardModel
 from avatarforge.model.sde import sde_sample, transition_log_prob
 from avatarforge.stages.avatar import ORACLE_KEYS, to_uint8_frames
+from avatarforge.stages.clip_rollouts import (
+    clip_prompts,
+    clip_rollout,
+    prompt_rows,
+    whole_clip_latents,
+    window_conditions,
+)
 from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
 from avatarforge.stages.policy import PolicySampler, build_avatar_model, distill_steps
 from avatarforge.stages.prompts import personality_identities, select, speech_prompts
+from avatarforge.stages.quality import score_prompts, to_uint8
 from avatarforge.stages.reward import pair_set, preference_groups, reward_model_config
+from avatarforge.stages.sampling import sample_windows
 
 ALGORITHMS = ("grpo", "dpo", "reward_gradient")
+REWARD_TERMS = ("full", "sync")
+ROLLOUTS = ("window", "clip")
 
 
 @dataclass
@@ -46,6 +57,12 @@ class RLHFOptions:
     algorithm: str = "grpo"
     sample_steps: int = 0  # 0: the distill stage's student_steps
     kl_coef: float = 0.1  # the anchor to the distilled policy; 0 = off (see the reward-hacking check)
+    # what is optimised: the reward model's whole score, or only its sync head (lip-sync perception trained
+    # on ground-truth clips, which ranks generated clips where the preference-trained part does not)
+    reward_terms: str = "full"
+    # score encode(decode(x)) instead of the raw latents x: a reward gradient otherwise finds latent
+    # directions the decoder ignores (or renders as something else) that the reward model was never shown
+    reward_round_trip: bool = False
     # grpo
     group_size: int = 4
     noise_level: float = 0.7  # SDE noise (Flow-GRPO's a)
@@ -54,6 +71,10 @@ class RLHFOptions:
     inner_updates: int = 1  # optimizer steps per rollout batch; > 1 makes the ratio (and clipping) bite
     train_timesteps: int = 0  # rollout steps trained on per update, drawn at random (Flow-GRPO's
     #                           timestep fraction); 0 = all
+    # "window": one window of data.frames frames per rollout (cheap); "clip": training clips' whole speech
+    # sampled in windows as `generate` does (stages/clip_rollouts.py), rewarded as whole clips; with
+    # train_timesteps > 0 that many (window, step) transitions per update
+    rollout: str = "window"
     train_prompts: int = 32  # train-split speech prompts of the fine-tuned identities
     # dpo
     dpo_beta: float = 200.0
@@ -63,8 +84,14 @@ class RLHFOptions:
 
     def validate(self) -> list[str]:
         errors = []
+        if self.reward_terms not in REWARD_TERMS:
+            errors.append(f"reward_terms: must be one of {REWARD_TERMS}, got {self.reward_terms!r}")
         if self.algorithm not in ALGORITHMS:
             errors.append(f"algorithm: must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.rollout not in ROLLOUTS:
+            errors.append(f"rollout: must be one of {ROLLOUTS}, got {self.rollout!r}")
+        elif self.rollout == "clip" and self.algorithm != "grpo":
+            errors.append("rollout: 'clip' is for algorithm grpo")
         if self.algorithm == "grpo" and (self.group_size < 2 or self.noise_level <= 0):
             errors.append("group_size, noise_level: grpo needs group_size >= 2 and noise_level > 0")
         if self.kl_coef < 0:
@@ -98,6 +125,8 @@ class RLHFTask:
         self.reward = RewardModel(reward_model_config(config, reward_stage[0]))
         self.reward.load_state_dict(load_file(args["parent_weights"][reward_stage[0]]))
         self.reward.eval().requires_grad_(False)
+        if self.options.reward_terms == "sync" and self.reward.sync is None:
+            raise ValueError(f"stage {stage!r}: reward_terms=sync needs a reward model with model.sync.enabled")
         self.identities = personality_identities(config, self.data)
         self.utility = rater_utility(config, stage)
         self._train_prompts: list[dict[str, Any]] | None = None
@@ -121,6 +150,9 @@ class RLHFTask:
     # -- data ---------------------------------------------------------------------------------------
 
     def train_prompts(self) -> list[dict[str, Any]]:
+        if self._train_prompts is None and self.options.rollout == "clip":
+            self._train_prompts = prompt_rows(clip_prompts(self.data, self.identities, split=self.data.train_split,
+                                                           count=self.options.train_prompts), self.data)
         if self._train_prompts is None:
             self._train_prompts = speech_prompts(self.data, self.identities, split=self.data.train_split,
                                                  count=self.options.train_prompts, batch_size=1)
@@ -161,13 +193,20 @@ class RLHFTask:
         return self.reward_gradient_loss(model, batch)
 
     def rewards(self, latents: torch.Tensor, rows: dict[str, Any], ref_latents: torch.Tensor) -> torch.Tensor:
-        return self.reward(latents, rows["audio"].to(latents.device), ref_latents)
+        wave = rows["audio"].to(latents.device)
+        if self.options.reward_round_trip:
+            latents = self.autoencoder.round_trip(latents)
+        if self.options.reward_terms == "sync":
+            return self.reward.sync(latents, self.reward.encode_audio(wave, latents.shape[2])).float()
+        return self.reward(latents, wave, ref_latents)
 
     def grpo_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         o, device = self.options, batch["text"].device
         n, g = batch["text"].shape[0], o.group_size
         rows = select(batch, [i for i in range(n) for _ in range(g)])
         ref_latents = self.sampler.reference_latents(rows, device)
+        if o.rollout == "clip":
+            return self.grpo_clip_loss(model, batch, rows, ref_latents)
         if batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]:
             with torch.no_grad():  # rollouts from the current policy; noise from the (checkpointed) global RNG
                 cond_old = self.sampler.conditions(model, rows, device, ref_latents)
@@ -201,6 +240,54 @@ class RLHFTask:
                 stats[k] = stats.get(k, 0.0) + float(v.detach()) / len(chosen)
         flat = traj.samples.flatten(1).view(n, g, -1)
         diversity = torch.cdist(flat, flat).sum() / (n * g * (g - 1)) / flat.norm(dim=-1).mean()
+        stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                      "diversity": float(diversity)})
+        return total, {f"train/{k}": v for k, v in stats.items()}
+
+    def grpo_clip_loss(self, model: nn.Module, batch: dict[str, Any], rows: dict[str, Any],
+                       ref_latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """GRPO on whole-clip rollouts: rewards of the whole clips, the clipped objective and the KL on
+        `train_timesteps` random (window, step) transitions (all if 0)."""
+        o, device = self.options, ref_latents.device
+        g = o.group_size
+        self.anchor.to(device)
+        if batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]:
+            # noise from the (checkpointed) global RNG, so a resumed run draws what the first one would have
+            seeds = torch.randint(0, 2**31 - 1, (len(rows["prompt_id"]),)).tolist()
+            step_noise = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+            with torch.no_grad():
+                roll = clip_rollout(model, self.autoencoder, ref_latents, rows, self.data, steps=self.sampler.steps,
+                                    noise_level=o.noise_level, reduce=o.log_prob_reduce, seeds=seeds,
+                                    generator=step_noise)
+                latents, wave = whole_clip_latents(self.autoencoder, roll.video, rows["audio"], self.data)
+                rewards = self.rewards(latents, {"audio": wave}, ref_latents)
+            self._rollout = (batch["prompt_id"], roll, rewards)
+        _, roll, rewards = self._rollout
+        advantages = group_advantages(rewards, g)
+        reference = model.encode_reference(ref_latents)  # with grad: the encoders are policy
+        with torch.no_grad():
+            anchor_reference = self.anchor.encode_reference(ref_latents)
+        chosen = range(len(roll.transitions))
+        if 0 < o.train_timesteps < len(roll.transitions):
+            chosen = sorted(torch.randperm(len(roll.transitions))[: o.train_timesteps].tolist())
+        total = torch.zeros((), device=device)
+        stats: dict[str, float] = {}
+        for j in chosen:
+            tr = roll.transitions[j]
+            cond = window_conditions(model, rows, tr, self.data, reference)
+            log_prob, mean, std = transition_log_prob(model, tr.x, tr.x_next, tr.t, tr.t_next, o.noise_level,
+                                                      reduce=o.log_prob_reduce, **cond)
+            policy_loss, metrics = grpo_policy_loss(log_prob, tr.log_prob, advantages, o.clip_range)
+            with torch.no_grad():
+                cond_anchor = window_conditions(self.anchor, rows, tr, self.data, anchor_reference)
+                _, mean_anchor, _ = transition_log_prob(self.anchor, tr.x, tr.x_next, tr.t, tr.t_next, o.noise_level,
+                                                        reduce=o.log_prob_reduce, **cond_anchor)
+            kl = gaussian_kl_same_std(mean, mean_anchor, std, reduce=o.log_prob_reduce).mean()
+            total = total + (policy_loss + o.kl_coef * kl) / len(chosen)
+            for k, v in {**metrics, "kl": kl}.items():
+                stats[k] = stats.get(k, 0.0) + float(v.detach()) / len(chosen)
+        flat = roll.video.flatten(1).view(-1, g, roll.video[0].numel())
+        diversity = torch.cdist(flat, flat).sum() / (flat.shape[0] * g * (g - 1)) / flat.norm(dim=-1).mean()
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                       "diversity": float(diversity)})
         return total, {f"train/{k}": v for k, v in stats.items()}
@@ -250,6 +337,11 @@ class RLHFTask:
     # -- evaluation ---------------------------------------------------------------------------------
 
     def eval_prompts(self) -> list[dict[str, Any]]:
+        if self._eval_prompts is None and self.options.rollout == "clip":  # whole clips, batches of 8
+            prompts = clip_prompts(self.data, self.identities, split=self.data.eval_split,
+                                   count=self.options.eval_prompts)
+            self._eval_prompts = [{**merge_rows(prompt_rows(prompts[i:i + 8], self.data)), "prompts": prompts[i:i + 8]}
+                                  for i in range(0, len(prompts), 8)]
         if self._eval_prompts is None:
             self._eval_prompts = speech_prompts(self.data, self.identities, split=self.data.eval_split,
                                                 count=self.options.eval_prompts, batch_size=8)
@@ -257,26 +349,37 @@ class RLHFTask:
 
     def sample_policy(self, model: nn.Module, batch: dict[str, Any],
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """ODE samples from per-prompt seeded noise (the same for every policy) and their learned rewards."""
+        """Decoded ODE samples [B, 3, T, H, W] from per-prompt seeded noise (the same for every policy) and
+        their learned rewards: one window, or (rollout clip) the whole clip in windows as `generate`."""
         seeds = [self.seed * 100003 + hash_id(pid) for pid in batch["prompt_id"]]
         ref_latents = self.sampler.reference_latents(batch, device)
+        if self.options.rollout == "clip":
+            d = self.data
+            video = sample_windows(model, self.autoencoder, ref_latents, batch["audio"].to(device),
+                                   batch["text"], batch["text_mask"], frames_per_window=d.frames, size=d.size,
+                                   fps=d.fps, sample_rate=d.sample_rate, steps=self.sampler.steps, seeds=seeds).video
+            latents, wave = whole_clip_latents(self.autoencoder, video, batch["audio"].to(device), d)
+            return video, self.rewards(latents, {"audio": wave}, ref_latents)
         cond = self.sampler.conditions(model, batch, device, ref_latents)
         latents = self.sampler.sample(model, cond, self.sampler.noise(seeds, device))
-        return latents, self.rewards(latents, batch, ref_latents)
+        return self.sampler.decode(latents), self.rewards(latents, batch, ref_latents)
+
+    def score(self, video: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, float]]:
+        if "prompts" in batch:  # whole clips: stages.quality's prompts hold their truth
+            return score_prompts([to_uint8(v) for v in video.cpu()], batch["prompts"], self.data)
+        return score_batch(video.cpu(), batch, sample_rate=self.data.sample_rate, fps=self.data.fps,
+                           use_references=False)
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Held-out prompts: policy vs distilled policy from the same noise, judged by the oracle."""
+        """Held-out prompts (rollout clip: whole clips): policy vs distilled policy from the same noise, judged
+        by the oracle."""
         device = next(model.parameters()).device
         utility = self.utility
         wins, rewards, anchor_rewards, scores, anchor_scores, samples = [], [], [], [], [], []
         for batch in self.eval_prompts():
-            lat, rew = self.sample_policy(model, batch, device)
-            lat_a, rew_a = self.sample_policy(self.anchor.to(device), batch, device)
-            video, video_a = self.sampler.decode(lat), self.sampler.decode(lat_a)
-            s = score_batch(video.cpu(), batch, sample_rate=self.data.sample_rate, fps=self.data.fps,
-                            use_references=False)
-            s_a = score_batch(video_a.cpu(), batch, sample_rate=self.data.sample_rate, fps=self.data.fps,
-                              use_references=False)
+            video, rew = self.sample_policy(model, batch, device)
+            video_a, rew_a = self.sample_policy(self.anchor.to(device), batch, device)
+            s, s_a = self.score(video, batch), self.score(video_a, batch)
             for mine, theirs in zip(s, s_a, strict=True):
                 u, u_a = oracle_utility(mine, utility), oracle_utility(theirs, utility)
                 wins.append(1.0 if u > u_a else 0.5 if u == u_a else 0.0)

@@ -109,6 +109,14 @@ def _noise_generators(seeds: int | Sequence[int], batch: int) -> list[torch.Gene
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def window_wave(wave: torch.Tensor, k: int, frames_per_window: int, fps: float, sample_rate: int) -> torch.Tensor:
+    """The audio [B, S_window] of window k (WindowPlan's frames; zero-padded past the speech's end)."""
+    plan = WindowPlan(frames_per_window * (k + 1), frames_per_window)
+    start, length = plan.start(k), int(frames_per_window / fps * sample_rate)
+    seg = wave[:, int(start / fps * sample_rate): int((start + frames_per_window) / fps * sample_rate)]
+    return torch.nn.functional.pad(seg, (0, length - seg.shape[1]))
+
+
 @torch.no_grad()
 def sample_windows(
     model: nn.Module,
@@ -162,14 +170,11 @@ def sample_windows(
     gens = _noise_generators(seeds, b)
     shape = autoencoder.latent_shape((b, 3, plan.window, size, size))
     counter = _ForwardCounter(model, b)
-    seg_len = int(plan.window / fps * sample_rate)
     out: list[torch.Tensor] = []
     previous: torch.Tensor | None = None  # decoded last frame of the previous window, [B, 3, 1, H, W]
     try:
         for k in tqdm(range(plan.count), desc="generate", unit="window", disable=not progress):
-            start = plan.start(k)
-            seg = wave[:, int(start / fps * sample_rate): int((start + plan.window) / fps * sample_rate)]
-            seg = torch.nn.functional.pad(seg, (0, seg_len - seg.shape[1])).to(device)
+            seg = window_wave(wave, k, plan.window, fps, sample_rate).to(device)
             cond = {"text": text, "text_mask": text_mask, "audio": model.encode_audio(seg, shape[2]),
                     "reference": reference}
             keep = autoencoder.encode(previous)[:, :, :1] if previous is not None else None
@@ -191,4 +196,4 @@ def sample_windows(
     return Sampled(video, counter.count, time.perf_counter() - start_time, plan.count)
 
 
-__all__ = ["VelocityFn", "StepFn", "euler_step", "guided_velocity_fn", "WindowPlan", "Sampled", "sample_windows"]
+__all__ = ["VelocityFn", "StepFn", "euler_step", "guided_velocity_fn", "WindowPlan", "Sampled", "window_wave", "sample_windows"]

@@ -156,3 +156,30 @@ def finished_run(tmp_path_factory, shared_data) -> tuple[Path, subprocess.Comple
     out = tmp_path_factory.mktemp("runs")
     proc = run_cli("run", str(TINY), *small_overrides(out, shared_data), timeout=1500)
     return out / "tiny", proc
+
+
+@pytest.fixture(scope="module")
+def small_avatar_nets(tmp_path_factory, one_thread):
+    """A tiny AvatarModel (gates opened) and a frozen 4-channel autoencoder, for sampling tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from avatarforge.model.audio import AudioEncoderConfig
+    from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+    from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
+    from avatarforge.model.text_encoder import TextEncoderConfig
+    from avatarforge.stages.common import FrozenAutoencoder
+
+    torch.manual_seed(0)
+    ae_cfg = {"latent_channels": 4, "base_channels": 8}
+    path = Path(tmp_path_factory.mktemp("ae")) / "ae.safetensors"
+    save_file(VideoAutoencoder(AutoencoderConfig(**ae_cfg)).state_dict(), str(path))
+    model = AvatarModel(TextEncoderConfig(dim=32, layers=1, heads=2),
+                        AvatarDiTConfig(latent_channels=4, dim=32, depth=2, heads=2, text_dim=32, audio_dim=32,
+                                        identity_dim=32),
+                        AudioEncoderConfig(dim=32, layers=1, heads=2)).eval()
+    with torch.no_grad():  # open the zero-initialised gates so audio and reference change the output
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.2)
+    return model, FrozenAutoencoder(ae_cfg, path)

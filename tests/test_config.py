@@ -205,3 +205,15 @@ def test_reward_sync_pretraining_is_checked_before_ray_starts():
     ok = load_config(TINY, ["stages.reward.options.sync_pretrain_steps=10", "stages.reward.options.model.sync.enabled=true",
                             "stages.reward.needs=[preferences,distill,autoencoder]"])
     assert ok.stages.reward.options.sync_pretrain_steps == 10
+
+
+def test_sync_score_and_sync_only_rlhf_reward_are_checked_before_ray_starts():
+    with pytest.raises(ConfigError, match=r"stages\.reward\.options\.model\.sync\.score: must be one of"):
+        load_config(TINY, ["stages.reward.options.model.sync.score=cos"])
+    with pytest.raises(ConfigError, match=r"stages\.rlhf\.options\.reward_terms: must be one of"):
+        load_config(TINY, ["stages.rlhf.options.reward_terms=lips"])
+    with pytest.raises(ConfigError, match=r"stages\.rlhf\.options\.reward_terms: 'sync' needs a reward_model parent"):
+        load_config(TINY, ["stages.rlhf.options.reward_terms=sync", "stages.reward.options.model.sync.enabled=false",
+                           "stages.reward.options.sync_pretrain_steps=0"])
+    ok = load_config(TINY, ["stages.rlhf.options.reward_terms=sync", "stages.reward.options.model.sync.score=cosine"])
+    assert ok.stages.rlhf.options.reward_terms == "sync"

@@ -172,6 +172,26 @@ def test_sync_score_is_a_centred_correlation_and_adds_to_the_score():
         assert torch.allclose(model(video, None, ref), plain(video, None, ref))  # no audio: no sync term
 
 
+def test_cosine_sync_score_is_bounded_and_ignores_amplitude():
+    # a policy optimised against the "dot" score can raise it by amplitude alone; the cosine one cannot
+    torch.manual_seed(0)
+    model = RewardModel(small_config(patch_size=[1, 2, 2], sync=SyncConfig(enabled=True, dim=8, hidden=16,
+                                                                            score="cosine", init_scale=5.0))).eval()
+    video, wave, _ = inputs(2)
+    windows = model.encode_audio(wave, video.shape[2])
+    v, a = model.sync.features(video, windows)
+    vc, ac = v - v.mean(1, keepdim=True), a - a.mean(1, keepdim=True)
+    cosine = (vc * ac).sum((1, 2)) / (vc.flatten(1).norm(dim=1) * ac.flatten(1).norm(dim=1))
+    with torch.no_grad():
+        score = model.sync(video, windows)
+        assert torch.allclose(score, 5.0 * cosine, atol=1e-5) and bool((score.abs() <= 5.0 + 1e-5).all())
+        # scaling a feature vector (as a louder mouth does) leaves the cosine as it was
+        assert torch.allclose(model.sync.score(3 * v, a), score, atol=1e-5)
+        assert not torch.allclose(sync_model().sync.score(3 * v, a), sync_model().sync.score(v, a))
+    with pytest.raises(ValueError, match="sync.score"):
+        RewardModel(small_config(sync=SyncConfig(enabled=True, score="l2")))
+
+
 def synced_clips(n: int, frames: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents whose mouth region opens with each clip's audio loudness per latent frame (2 video frames)."""
     g = torch.Generator().manual_seed(seed)
@@ -183,8 +203,11 @@ def synced_clips(n: int, frames: int = 9, seed: int = 0) -> tuple[torch.Tensor, 
     return latents, wave
 
 
-def test_sync_contrastive_training_learns_which_audio_fits():
-    model = sync_model()
+@pytest.mark.parametrize("score", ["dot", "cosine"])
+def test_sync_contrastive_training_learns_which_audio_fits(score):
+    torch.manual_seed(0)
+    model = RewardModel(small_config(patch_size=[1, 2, 2], sync=SyncConfig(enabled=True, dim=8, hidden=16,
+                                                                            score=score)))
     latents, wave = synced_clips(16, frames=12)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

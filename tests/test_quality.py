@@ -15,10 +15,7 @@ from avatarforge.data.config import DataConfig, SynthConfig
 from avatarforge.data.synth import generate_dataset
 from avatarforge.data.synth.clip import make_record
 from avatarforge.data.synth.identity import sample_identity
-from avatarforge.model.audio import AudioEncoderConfig
-from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
-from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
-from avatarforge.model.text_encoder import TextEncoderConfig
+from avatarforge.model.avatar import AvatarModel
 from avatarforge.stages import quality as q
 from avatarforge.stages.common import FrozenAutoencoder
 from avatarforge.stages.sampling import WindowPlan, euler_step, guided_velocity_fn, sample_windows
@@ -37,20 +34,8 @@ def world(tmp_path_factory) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory, one_thread) -> tuple[AvatarModel, FrozenAutoencoder]:
-    torch.manual_seed(0)
-    ae_cfg = {"latent_channels": 4, "base_channels": 8}
-    path = Path(tmp_path_factory.mktemp("ae")) / "ae.safetensors"
-    save_file(VideoAutoencoder(AutoencoderConfig(**ae_cfg)).state_dict(), str(path))
-    model = AvatarModel(TextEncoderConfig(dim=32, layers=1, heads=2),
-                        AvatarDiTConfig(latent_channels=4, dim=32, depth=2, heads=2, text_dim=32, audio_dim=32,
-                                        identity_dim=32),
-                        AudioEncoderConfig(dim=32, layers=1, heads=2)).eval()
-    with torch.no_grad():  # open the zero-initialised gates so audio and reference change the output
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.2)
-    return model, FrozenAutoencoder(ae_cfg, path)
+def nets(small_avatar_nets) -> tuple[AvatarModel, FrozenAutoencoder]:
+    return small_avatar_nets
 
 
 def _inputs(b: int, seconds: float = 0.64):

@@ -1,0 +1,67 @@
+"""The rlhf stage's reward: the reward model's whole score or only its sync head, on the raw latents or on
+what survives the autoencoder's round trip (differentiable, for the reward-gradient algorithm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from avatarforge.model.audio import AudioEncoderConfig
+from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+from avatarforge.model.reward import RewardModel, RewardModelConfig, SyncConfig
+from avatarforge.stages.common import FrozenAutoencoder
+from avatarforge.stages.rlhf import RLHFOptions, RLHFTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C = 4
+
+
+def task(tmp_path, **options) -> RLHFTask:
+    torch.manual_seed(0)
+    cfg = {"latent_channels": C, "base_channels": 8, "temporal_downsample": [True, False]}  # 2x in time
+    save_file(VideoAutoencoder(AutoencoderConfig(**cfg)).state_dict(), str(tmp_path / "ae.safetensors"))
+    t = RLHFTask.__new__(RLHFTask)
+    t.options = RLHFOptions(**options)
+    t.autoencoder = FrozenAutoencoder(cfg, tmp_path / "ae.safetensors")
+    t.reward = RewardModel(RewardModelConfig(
+        latent_channels=C, dim=32, depth=1, heads=4, n_ref_summary=2, patch_size=[1, 2, 2],
+        audio=AudioEncoderConfig(dim=32, layers=1, heads=2, temporal_factor=2),
+        sync=SyncConfig(enabled=True, dim=8, hidden=16))).eval().requires_grad_(False)
+    return t
+
+
+def inputs(t: RLHFTask) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shape = t.autoencoder.latent_shape((2, 3, 9, 32, 32))
+    return (torch.randn(shape, generator=g), {"audio": torch.randn(2, 5760, generator=g) * 0.1},
+            torch.randn(2, C, 1, *shape[3:], generator=g))
+
+
+def test_reward_terms_pick_the_whole_score_or_the_sync_head(tmp_path):
+    full, sync = task(tmp_path), task(tmp_path, reward_terms="sync")
+    latents, rows, ref = inputs(full)
+    with torch.no_grad():
+        assert torch.allclose(full.rewards(latents, rows, ref), full.reward(latents, rows["audio"], ref))
+        windows = sync.reward.encode_audio(rows["audio"], latents.shape[2])
+        assert torch.allclose(sync.rewards(latents, rows, ref), sync.reward.sync(latents, windows))
+        assert not torch.allclose(full.rewards(latents, rows, ref), sync.rewards(latents, rows, ref))
+
+
+def test_round_trip_reward_scores_the_decoded_video_and_passes_gradient(tmp_path):
+    t = task(tmp_path, reward_round_trip=True)
+    latents, rows, ref = inputs(t)
+    projected = t.autoencoder.encode(t.autoencoder.decode(latents))
+    assert torch.allclose(t.autoencoder.round_trip(latents), projected, atol=1e-5)
+    assert not torch.allclose(projected, latents, atol=1e-2)  # an untrained autoencoder changes them
+    x = latents.clone().requires_grad_(True)
+    reward = t.rewards(x, rows, ref)
+    assert torch.allclose(reward.detach(), t.reward(projected, rows["audio"], ref), atol=1e-5)
+    reward.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_options_refuse_unknown_reward_terms():
+    assert "reward_terms" in RLHFOptions(reward_terms="lips").validate()[0]
+    assert RLHFOptions(reward_terms="sync", reward_round_trip=True).validate() == []
