@@ -1,10 +1,10 @@
-"""How much of the teacher a distilled student keeps: every distill-kind stage of a finished run against its
-teacher (the personality_sft model, sampled as the distill stage's options say: `teacher_steps` guided Euler
+"""How much of the teacher a distilled student keeps: every distill-kind stage of a finished run (and every
+rlhf stage trained from one: the final few-step policy) against its teacher (the personality_sft model, sampled as the distill stage's options say: `teacher_steps` guided Euler
 steps), on
 the same held-out windowed prompts (fine-tuned identities, held-out speech, as `generate` samples them) and
 the same noise, judged by the oracle.
 
-    .venv/bin/python benchmarks/distill_retention.py runs/tiny [--prompts 32] [--workers 1]
+    .venv/bin/python benchmarks/distill_retention.py runs/tiny [--prompts 32] [--workers 1] [--stages distill rlhf]
 
 Per student: function evaluations and wall time per video of both, the student's share of the teacher's
 lip-sync, identity and behaviour scores (issue 5's target: >= 90% at >= 10x fewer evaluations), the paired
@@ -22,23 +22,37 @@ from omegaconf import OmegaConf
 
 
 def students_of(run_dir: Path) -> tuple[str, list[str]]:
-    """The run's personality_sft stage and its finished distill-kind stages."""
+    """The run's personality_sft stage and its finished few-step policies: distill-kind stages, then the
+    rlhf-kind stages trained from them (the curriculum's final policy)."""
     done = {p.parent.name: json.loads(p.read_text())["kind"] for p in (run_dir / "stages").glob("*/DONE.json")}
     sft = [n for n, kind in done.items() if kind == "personality_sft"]
     students = sorted(n for n, kind in done.items() if kind == "distill")
     if len(sft) != 1 or not students:
         raise SystemExit(f"{run_dir}: need one finished personality_sft stage and a distill stage, "
                          f"found {sft} and {students}")
-    return sft[0], students
+    return sft[0], students + sorted(n for n, kind in done.items() if kind == "rlhf")
 
 
-def retention(run_dir: Path, count: int, workers: int) -> str:
+def distill_ancestor(cfg: dict, stage: str) -> str:
+    """The distill stage a few-step policy descends from (itself, for a distill stage)."""
+    todo, seen = [stage], set()
+    while todo:
+        name = todo.pop()
+        if cfg["stages"][name]["kind"] == "distill":
+            return name
+        seen.add(name)
+        todo += [n for n in cfg["stages"][name]["needs"] if n not in seen]
+    raise SystemExit(f"stage {stage!r} has no distill stage above it")
+
+
+def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = None) -> str:
     from avatarforge.stages import quality as q
     from avatarforge.stages.common import typed
     from avatarforge.stages.distill import DistillOptions, ratio
     from avatarforge.stages.generate import Generator
 
     sft, students = students_of(run_dir)
+    students = [n for n in students if not only or n in only]
     teacher = Generator(run_dir / "stages" / sft)
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
@@ -50,7 +64,7 @@ def retention(run_dir: Path, count: int, workers: int) -> str:
     for name in students:
         gen = Generator(run_dir / "stages" / name)
         student = q.Policy(name, gen.model, steps=gen.defaults["steps"])
-        options = typed(DistillOptions, cfg["stages"][name]["options"])  # how its teacher sampled
+        options = typed(DistillOptions, cfg["stages"][distill_ancestor(cfg, name)]["options"])  # how the teacher sampled
         teacher_policy = q.Policy("teacher", teacher.model, scales=options.teacher_scales(), steps=options.teacher_steps)
         c = q.compare_policies(student, teacher_policy, teacher.autoencoder, prompts, world, workers=workers)
         s, t = c.summary[name], c.summary["teacher"]
@@ -72,8 +86,9 @@ def main() -> None:
     parser.add_argument("run_dir", nargs="?", default="runs/tiny")
     parser.add_argument("--prompts", type=int, default=32, help="held-out windowed prompts")
     parser.add_argument("--workers", type=int, default=1, help="oracle processes")
+    parser.add_argument("--stages", nargs="*", default=None, help="only these few-step policies")
     args = parser.parse_args()
-    print(retention(Path(args.run_dir), args.prompts, args.workers))
+    print(retention(Path(args.run_dir), args.prompts, args.workers, args.stages))
 
 
 if __name__ == "__main__":
