@@ -4,7 +4,7 @@ steps), on
 the same held-out windowed prompts (fine-tuned identities, held-out speech, as `generate` samples them) and
 the same noise, judged by the oracle.
 
-    .venv/bin/python benchmarks/distill_retention.py runs/tiny [--prompts 32] [--workers 1] [--stages distill rlhf]
+    .venv/bin/python benchmarks/distill_retention.py runs/tiny [--prompts 32] [--workers 1] [--stages distill rlhf] [--seeds 3]
 
 Per student: function evaluations and wall time per video of both, the student's share of the teacher's
 lip-sync, identity and behaviour scores (issue 5's target: >= 90% at >= 10x fewer evaluations), the paired
@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 
@@ -45,7 +46,16 @@ def distill_ancestor(cfg: dict, stage: str) -> str:
     raise SystemExit(f"stage {stage!r} has no distill stage above it")
 
 
-def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = None) -> str:
+def share_interval(student: np.ndarray, teacher: np.ndarray, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(student) / mean(teacher) lip sync; arrays [seeds, prompts], prompts
+    resampled whole (a prompt's seeds are not independent)."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, student.shape[1], size=(n_boot, student.shape[1]))
+    shares = np.nanmean(student[:, idx], axis=(0, 2)) / np.nanmean(teacher[:, idx], axis=(0, 2))
+    return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
+
+
+def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = None, seeds: int = 1) -> str:
     from avatarforge.stages import quality as q
     from avatarforge.stages.common import typed
     from avatarforge.stages.distill import DistillOptions, ratio
@@ -57,27 +67,34 @@ def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = 
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
     lines = [f"Teacher `{sft}` vs each student, {len(prompts)} windowed held-out prompts ({prompts[0].frames} "
-             "frames), same noise:", "",
+             f"frames) x {seeds} noise seed(s), same noise:", "",
              "| student | NFE / video (teacher / student) | wall s / video | lip-sync corr (teacher / student) "
-             "| keeps lip sync / identity / behaviour | lip-sync diff [95% CI], sign p | student win rate |",
+             "| keeps lip sync [95% CI] / identity / behaviour | lip-sync diff [95% CI], sign p | student win rate |",
              "|---|---|---|---|---|---|---|"]
     for name in students:
         gen = Generator(run_dir / "stages" / name)
         student = q.Policy(name, gen.model, steps=gen.defaults["steps"])
         options = typed(DistillOptions, cfg["stages"][distill_ancestor(cfg, name)]["options"])  # how the teacher sampled
         teacher_policy = q.Policy("teacher", teacher.model, scales=options.teacher_scales(), steps=options.teacher_steps)
-        c = q.compare_policies(student, teacher_policy, teacher.autoencoder, prompts, world, workers=workers)
-        s, t = c.summary[name], c.summary["teacher"]
+        runs = [q.compare_policies(student, teacher_policy, teacher.autoencoder, prompts, world, workers=workers,
+                                   seed=1000 * k) for k in range(seeds)]
+        mine = [x for c in runs for x in c.scores[name]]
+        theirs = [x for c in runs for x in c.scores["teacher"]]
+        s, t = q.summarize(mine), q.summarize(theirs)
         keeps = [ratio(s[k], t[k], higher) for k, higher in
                  (("lipsync_corr", True), ("identity_error", False), ("behaviour_error", False))]
-        lip = c.metrics["lipsync_corr"]
+        lips = [np.array([[x.get("lipsync_corr", np.nan) for x in c.scores[n]] for c in runs]) for n in (name, "teacher")]
+        low, high = share_interval(*lips)
+        lip = q.metric_table(mine, theirs)["lipsync_corr"]
+        wins = q.paired_stats([q.oracle_utility(x) for x in mine], [q.oracle_utility(x) for x in theirs])["win_rate"]
+        nfe = [runs[0].summary[n]["nfe_per_video"] for n in ("teacher", name)]
+        secs = [np.mean([c.summary[n]["seconds_per_video"] for c in runs]) for n in ("teacher", name)]
         lines.append(
-            f"| {name} | {t['nfe_per_video']:.0f} / {s['nfe_per_video']:.0f} | "
-            f"{t['seconds_per_video']:.2f} / {s['seconds_per_video']:.2f} | "
+            f"| {name} | {nfe[0]:.0f} / {nfe[1]:.0f} | {secs[0]:.2f} / {secs[1]:.2f} | "
             f"{t['lipsync_corr']:.3f} / {s['lipsync_corr']:.3f} | "
-            + " / ".join(f"{k:.0%}" for k in keeps)
-            + f" | {lip['diff']:+.3f} [{lip['ci_low']:+.3f}, {lip['ci_high']:+.3f}], {lip['sign_p']:.3f} | "
-            f"{c.utility_win_rate:.3f} |")
+            f"{keeps[0]:.0%} [{low:.0%}, {high:.0%}] / {keeps[1]:.0%} / {keeps[2]:.0%}"
+            f" | {lip['diff']:+.3f} [{lip['ci_low']:+.3f}, {lip['ci_high']:+.3f}], {lip['sign_p']:.3f} | "
+            f"{wins:.3f} |")
     return "\n".join(lines)
 
 
@@ -87,8 +104,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="held-out windowed prompts")
     parser.add_argument("--workers", type=int, default=1, help="oracle processes")
     parser.add_argument("--stages", nargs="*", default=None, help="only these few-step policies")
+    parser.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt (pooled; more power)")
     args = parser.parse_args()
-    print(retention(Path(args.run_dir), args.prompts, args.workers, args.stages))
+    print(retention(Path(args.run_dir), args.prompts, args.workers, args.stages, args.seeds))
 
 
 if __name__ == "__main__":
