@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.tokenizer import encode_text
 from avatarforge.model.sde import gaussian_log_prob, sde_step
-from avatarforge.stages.common import FrozenAutoencoder
+from avatarforge.stages.common import FrozenAutoencoder, audio_for_frames
 from avatarforge.stages.quality import Prompt, make_prompts, read_identities, read_world, spread
 from avatarforge.stages.sampling import sample_windows, window_wave
 
@@ -83,9 +82,7 @@ def whole_clip_latents(autoencoder: FrozenAutoencoder, video: torch.Tensor, wave
     """Sampled clips [B, 3, T, H, W] -> latents of their longest encodable part and its audio [B, S]
     (as stages.reward.encode_clips encodes the ground truth the sync head learned on)."""
     frames = autoencoder.encodable_frames(video.shape[2])
-    samples = round(frames * data.sample_rate / data.fps)
-    wave = F.pad(wave, (0, max(0, samples - wave.shape[1])))[:, :samples]
-    return autoencoder.encode(video[:, :, :frames]), wave
+    return autoencoder.encode(video[:, :, :frames]), audio_for_frames(wave, frames, data)
 
 
 def clip_prompts(data: DataConfig, identities: list[str], *, split: str, count: int) -> list[Prompt]:

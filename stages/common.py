@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
@@ -109,6 +110,12 @@ class FrozenAutoencoder:
         """The longest frame count <= `frames` the autoencoder takes: 1 + k * its temporal factor."""
         tf = self.model.temporal_factor
         return 1 + (frames - 1) // tf * tf
+
+
+def audio_for_frames(wave: torch.Tensor, frames: int, data: DataConfig) -> torch.Tensor:
+    """Audio [..., S] cut (or zero-padded) to exactly `frames` video frames at data.fps / data.sample_rate."""
+    samples = round(frames * data.sample_rate / data.fps)
+    return F.pad(wave, (0, max(0, samples - wave.shape[-1])))[..., :samples]
 
 
 def epoch_batches(n_items: int, batch_size: int, *, seed: int, rank: int, world_size: int,

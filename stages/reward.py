@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,7 +28,13 @@ from avatarforge.model.reward import (
     bradley_terry_loss,
     sync_contrastive_loss,
 )
-from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
+from avatarforge.stages.common import (
+    FrozenAutoencoder,
+    audio_for_frames,
+    epoch_batches,
+    parent_of_kind,
+    typed,
+)
 from avatarforge.stages.quality import Speech, read_world, to_float
 
 
@@ -118,10 +123,8 @@ def encode_clips(autoencoder: FrozenAutoencoder, speeches: Sequence[Speech], dat
     """Whole clips as latents [N, C, T, H, W], cut to the shortest clip's longest encodable frame count, and
     their audio over those frames [N, S] (zero-padded where a clip's audio is shorter)."""
     frames = autoencoder.encodable_frames(min(sp.frames for sp in speeches))
-    samples = round(frames * data.sample_rate / data.fps)
     latents = torch.cat([autoencoder.encode(to_float(sp.video[:frames])[None]) for sp in speeches])
-    wave = torch.stack([F.pad(sp.wave, (0, max(0, samples - len(sp.wave))))[:samples] for sp in speeches])
-    return latents, wave
+    return latents, torch.stack([audio_for_frames(sp.wave, frames, data) for sp in speeches])
 
 
 def preference_groups(args: dict[str, Any]) -> list[PromptGroupRecord]:

@@ -16,7 +16,7 @@ to both rewards, so a reward rise the oracle does not share (reward hacking) sho
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,7 +207,7 @@ class RLHFTask:
         ref_latents = self.sampler.reference_latents(rows, device)
         if o.rollout == "clip":
             return self.grpo_clip_loss(model, batch, rows, ref_latents)
-        if batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]:
+        if self.fresh_rollout(batch):
             with torch.no_grad():  # rollouts from the current policy; noise from the (checkpointed) global RNG
                 cond_old = self.sampler.conditions(model, rows, device, ref_latents)
                 shape = self.sampler.latent_shape(n * g)
@@ -216,42 +216,23 @@ class RLHFTask:
                 rewards = self.rewards(traj.samples, rows, ref_latents)
             self._rollout = (batch["prompt_id"], traj, rewards)
         _, traj, rewards = self._rollout  # later inner updates reuse the rollout (old log-probs included)
-        advantages = group_advantages(rewards, g)
         with torch.no_grad():
             cond_anchor = self.sampler.conditions(self.anchor, rows, device, ref_latents)
         cond = self.sampler.conditions(model, rows, device, ref_latents)  # with grad: encoders are policy
-        total = torch.zeros((), device=device)
-        stats: dict[str, float] = {}
         ts = traj.timesteps
-        chosen = range(traj.steps)
-        if 0 < o.train_timesteps < traj.steps:
-            chosen = sorted(torch.randperm(traj.steps)[: o.train_timesteps].tolist())
-        for i in chosen:
-            x, x_next = traj.latents[i], traj.latents[i + 1]
-            log_prob, mean, std = transition_log_prob(model, x, x_next, ts[i], ts[i + 1], o.noise_level,
-                                                      reduce=o.log_prob_reduce, **cond)
-            policy_loss, metrics = grpo_policy_loss(log_prob, traj.log_probs[:, i], advantages, o.clip_range)
-            with torch.no_grad():
-                _, mean_anchor, _ = transition_log_prob(self.anchor, x, x_next, ts[i], ts[i + 1], o.noise_level,
-                                                        reduce=o.log_prob_reduce, **cond_anchor)
-            kl = gaussian_kl_same_std(mean, mean_anchor, std, reduce=o.log_prob_reduce).mean()
-            total = total + (policy_loss + o.kl_coef * kl) / len(chosen)
-            for k, v in {**metrics, "kl": kl}.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach()) / len(chosen)
-        flat = traj.samples.flatten(1).view(n, g, -1)
-        diversity = torch.cdist(flat, flat).sum() / (n * g * (g - 1)) / flat.norm(dim=-1).mean()
-        stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                      "diversity": float(diversity)})
-        return total, {f"train/{k}": v for k, v in stats.items()}
+
+        def transition(i: int) -> tuple:
+            return (traj.latents[i], traj.latents[i + 1], ts[i], ts[i + 1], traj.log_probs[:, i], cond, cond_anchor)
+
+        return self.grpo_objective(model, traj.steps, transition, rewards, traj.samples)
 
     def grpo_clip_loss(self, model: nn.Module, batch: dict[str, Any], rows: dict[str, Any],
                        ref_latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO on whole-clip rollouts: rewards of the whole clips, the clipped objective and the KL on
         `train_timesteps` random (window, step) transitions (all if 0)."""
-        o, device = self.options, ref_latents.device
-        g = o.group_size
-        self.anchor.to(device)
-        if batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]:
+        o = self.options
+        self.anchor.to(ref_latents.device)
+        if self.fresh_rollout(batch):
             # noise from the (checkpointed) global RNG, so a resumed run draws what the first one would have
             seeds = torch.randint(0, 2**31 - 1, (len(rows["prompt_id"]),)).tolist()
             step_noise = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
@@ -263,30 +244,49 @@ class RLHFTask:
                 rewards = self.rewards(latents, {"audio": wave}, ref_latents)
             self._rollout = (batch["prompt_id"], roll, rewards)
         _, roll, rewards = self._rollout
-        advantages = group_advantages(rewards, g)
         reference = model.encode_reference(ref_latents)  # with grad: the encoders are policy
         with torch.no_grad():
             anchor_reference = self.anchor.encode_reference(ref_latents)
-        chosen = range(len(roll.transitions))
-        if 0 < o.train_timesteps < len(roll.transitions):
-            chosen = sorted(torch.randperm(len(roll.transitions))[: o.train_timesteps].tolist())
-        total = torch.zeros((), device=device)
-        stats: dict[str, float] = {}
-        for j in chosen:
+
+        def transition(j: int) -> tuple:
             tr = roll.transitions[j]
-            cond = window_conditions(model, rows, tr, self.data, reference)
-            log_prob, mean, std = transition_log_prob(model, tr.x, tr.x_next, tr.t, tr.t_next, o.noise_level,
-                                                      reduce=o.log_prob_reduce, **cond)
-            policy_loss, metrics = grpo_policy_loss(log_prob, tr.log_prob, advantages, o.clip_range)
             with torch.no_grad():
                 cond_anchor = window_conditions(self.anchor, rows, tr, self.data, anchor_reference)
-                _, mean_anchor, _ = transition_log_prob(self.anchor, tr.x, tr.x_next, tr.t, tr.t_next, o.noise_level,
+            return (tr.x, tr.x_next, tr.t, tr.t_next, tr.log_prob,
+                    window_conditions(model, rows, tr, self.data, reference), cond_anchor)
+
+        return self.grpo_objective(model, len(roll.transitions), transition, rewards, roll.video)
+
+    def fresh_rollout(self, batch: dict[str, Any]) -> bool:
+        """A batch's first inner update samples new rollouts; the later ones reuse them (and their old
+        log-probs), unless a resume lost them."""
+        return batch["update"] == 0 or self._rollout is None or self._rollout[0] != batch["prompt_id"]
+
+    def grpo_objective(self, model: nn.Module, n_transitions: int, transition: Callable[[int], tuple],
+                       rewards: torch.Tensor, samples: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped ratio objective + kl_coef * KL to the distilled policy, averaged over `train_timesteps`
+        random transitions of the rollouts (all if 0). transition(i) -> (x, x_next, t, t_next, old log-prob,
+        the policy's conditions, the anchor's conditions); samples: the rollouts' results, for diversity."""
+        o, g = self.options, self.options.group_size
+        advantages = group_advantages(rewards, g)
+        chosen = range(n_transitions)
+        if 0 < o.train_timesteps < n_transitions:
+            chosen = sorted(torch.randperm(n_transitions)[: o.train_timesteps].tolist())
+        total = torch.zeros((), device=samples.device)
+        stats: dict[str, float] = {}
+        for i in chosen:
+            x, x_next, t, t_next, old_log_prob, cond, cond_anchor = transition(i)
+            log_prob, mean, std = transition_log_prob(model, x, x_next, t, t_next, o.noise_level,
+                                                      reduce=o.log_prob_reduce, **cond)
+            policy_loss, metrics = grpo_policy_loss(log_prob, old_log_prob, advantages, o.clip_range)
+            with torch.no_grad():
+                _, mean_anchor, _ = transition_log_prob(self.anchor, x, x_next, t, t_next, o.noise_level,
                                                         reduce=o.log_prob_reduce, **cond_anchor)
             kl = gaussian_kl_same_std(mean, mean_anchor, std, reduce=o.log_prob_reduce).mean()
             total = total + (policy_loss + o.kl_coef * kl) / len(chosen)
             for k, v in {**metrics, "kl": kl}.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach()) / len(chosen)
-        flat = roll.video.flatten(1).view(-1, g, roll.video[0].numel())
+        flat = samples.flatten(1).view(-1, g, samples[0].numel())
         diversity = torch.cdist(flat, flat).sum() / (flat.shape[0] * g * (g - 1)) / flat.norm(dim=-1).mean()
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                       "diversity": float(diversity)})
