@@ -99,12 +99,14 @@ def main() -> int:
     ap.add_argument("--claims", default="abcde", help="which claims to measure (letters a-e)")
     ap.add_argument("--json", default="", help="also write every number here")
     ap.add_argument("--a2v", default="", help="an a2v stage dir to use instead of the run's (experiments)")
+    ap.add_argument("--sft", default="", help="a personality_sft stage dir to use instead of the run's (claim c)")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
     run = Path(args.run)
     a2v_dir, sft_dir = stage_of_kind(run, "a2v_pretrain"), stage_of_kind(run, "personality_sft")
     a2v_dir = Path(args.a2v) if args.a2v else a2v_dir
+    sft_dir = Path(args.sft) if args.sft else sft_dir
     a2v, sft = Generator(a2v_dir), Generator(sft_dir)
     sft_cfg = OmegaConf.to_container(OmegaConf.load(sft_dir / "config.yaml"), resolve=True)
     a2v_cfg = OmegaConf.to_container(OmegaConf.load(a2v_dir / "config.yaml"), resolve=True)

@@ -147,11 +147,16 @@ class AvatarTask:
     # -- data ---------------------------------------------------------------------------------------
 
     def identities(self) -> list[str] | None:
+        """The identities the stage is about (its evals); None: all."""
         return None
+
+    def train_identities(self) -> list[str] | None:
+        """The identities whose clips the stage trains on (None: the whole training split)."""
+        return self.identities()
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
         for batch in train_stream(self.data, batch_size=self.batch_size, rank=rank, world_size=world_size,
-                                  seed=self.seed, start_batch=start_batch, identities=self.identities()):
+                                  seed=self.seed, start_batch=start_batch, identities=self.train_identities()):
             yield {k: batch[k] for k in BATCH_KEYS}
 
     def batch_stats(self, batch: Any) -> tuple[int, int]:

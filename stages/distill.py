@@ -70,6 +70,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...]
 # oracle scores compared between teacher and student; True: higher is better
 SCORES = {"lipsync_corr": True, "identity_error": False, "behaviour_error": False}
 METHODS = ("trajectory", "dmd2")
+TRAIN_IDENTITIES = ("sft", "all")
 
 
 @dataclass
@@ -92,6 +93,10 @@ class DistillOptions:
     # term (model.flow.regression_loss: the error in what changes over time there; 0 = off). Phases 1 and 2.
     mouth_weight: float = 1.0
     dynamic_weight: float = 0.0
+    # whose clips the student learns on: "sft" (the fine-tuned identities' few clips: the student sees only
+    # their few speeches and its lip sync on new speech suffers) or "all" (the whole training split, every
+    # speech, still given the sft teacher's targets: the teacher is the sft model whatever the identity)
+    train_identities: str = "all"
     # evaluation: held-out 9-frame clips for the step-distillation error; whole held-out clips' speech
     # (windowed) given to the sft identities for the teacher / student comparison
     eval_clips: int = 4
@@ -115,6 +120,8 @@ class DistillOptions:
             errors.append(f"guidance_batches: must be >= 0, got {self.guidance_batches}")
         if self.method not in METHODS:
             errors.append(f"method: must be one of {METHODS}, got {self.method!r}")
+        if self.train_identities not in TRAIN_IDENTITIES:
+            errors.append(f"train_identities: must be one of {TRAIN_IDENTITIES}, got {self.train_identities!r}")
         if self.dmd_critic_updates < 1:
             errors.append(f"dmd_critic_updates: must be >= 1, got {self.dmd_critic_updates}")
         if self.dmd_regression_weight < 0:
@@ -385,8 +392,12 @@ class DistillTask(SFTTask):
 
         return list(read_index(self.data.root, self.data.train_split)["identities"][: options.num_identities])
 
+    def train_identities(self) -> list[str] | None:
+        """The sft identities, or (train_identities: all) the whole training split."""
+        return None if self.options.train_identities == "all" else self.identities()
+
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
-        """The sft stream of the chosen identities, each batch tagged with its phase (from its position in
+        """The stream of train_identities()' clips, each batch tagged with its phase (from its position in
         the stream, so a resumed run continues in the right phase)."""
         stream = super().train_batches(rank=rank, world_size=world_size, start_batch=start_batch)
         for index, batch in enumerate(stream, start=start_batch):
