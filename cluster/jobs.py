@@ -6,6 +6,7 @@ import asyncio
 import shlex
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,26 @@ def _call(address: str, fn, *args, **kwargs):
         raise JobsError(_explain(exc, address)) from None
 
 
+# Ray's head answers 500 "No available agent to submit job, please try again later" until a node's job
+# agent has registered (seconds after `ray start` on a loaded machine): transient, so the submit waits for it.
+AGENT_NOT_READY = "no available agent to submit job"
+
+
+def _submit_when_agent_ready(address: str, client: Any, wait_s: float, **job: Any) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as exc:
+            if AGENT_NOT_READY not in str(exc).lower() or time.monotonic() >= deadline:
+                raise JobsError(_explain(exc, address)) from None
+        time.sleep(2.0)
+
+
 def submit(address: str, config_path: str, overrides: list[str], *, rerun: list[str] = (),
-           python: str = "python", submission_id: str | None = None) -> str:
-    """Upload the config file as the job's working dir and run `avatarforge run` there. Returns the id."""
+           python: str = "python", submission_id: str | None = None, agent_wait_s: float = 120.0) -> str:
+    """Upload the config file as the job's working dir and run `avatarforge run` there. Returns the id.
+    Waits up to agent_wait_s for the cluster's job agent (a freshly started head has none for a while)."""
     client = _client(address)
     staging = Path(tempfile.mkdtemp(prefix="avatarforge-submit-"))
     try:
@@ -58,9 +76,10 @@ def submit(address: str, config_path: str, overrides: list[str], *, rerun: list[
             args += ["--rerun", stage]
         entrypoint = " ".join(shlex.quote(a) for a in [python, *args])
         job_id = submission_id or f"avatarforge-{uuid.uuid4().hex[:10]}"
-        return _call(
+        return _submit_when_agent_ready(
             address,
-            client.submit_job,
+            client,
+            agent_wait_s,
             entrypoint=entrypoint,
             submission_id=job_id,
             runtime_env={"working_dir": str(staging), "env_vars": {"PYTHONUNBUFFERED": "1"}},
