@@ -102,20 +102,21 @@ def student_row(name: str, run_dir: Path, teacher: Any, sampled: Callable, seeds
     options = typed(DistillOptions, cfg["stages"][distill_ancestor(cfg, name)]["options"])  # how the teacher sampled
     teacher_policy = q.Policy("teacher", teacher.model, scales=options.teacher_scales(), steps=options.teacher_steps)
     teacher_key = ("teacher", options.teacher_steps, tuple(sorted(options.teacher_scales().items())))
-    seeds_run = [(sampled(student, (name,), 1000 * k), sampled(teacher_policy, teacher_key, 1000 * k))
-                 for k in range(seeds)]  # per seed: (student run, scores), (teacher run, scores)
-    mine = [x for (_, m), _ in seeds_run for x in m]
-    theirs = [x for _, (_, t) in seeds_run for x in t]
+    student_runs = [sampled(student, (name,), 1000 * k) for k in range(seeds)]  # per seed: (run, scores)
+    teacher_runs = [sampled(teacher_policy, teacher_key, 1000 * k) for k in range(seeds)]
+    mine = [x for _, scores in student_runs for x in scores]
+    theirs = [x for _, scores in teacher_runs for x in scores]
     s, t = q.summarize(mine), q.summarize(theirs)
     keeps = [ratio(s[k], t[k], higher) for k, higher in
              (("lipsync_corr", True), ("identity_error", False), ("behaviour_error", False))]
-    lips = [np.array([[x.get("lipsync_corr", np.nan) for x in pair[i][1]] for pair in seeds_run]) for i in (0, 1)]
+    lips = [np.array([[x.get("lipsync_corr", np.nan) for x in scores] for _, scores in runs])
+            for runs in (student_runs, teacher_runs)]  # [seeds, prompts] each
     low, high = share_interval(*lips)
     lip = q.metric_table(mine, theirs)["lipsync_corr"]
     wins = q.paired_stats([q.oracle_utility(x) for x in mine], [q.oracle_utility(x) for x in theirs])["win_rate"]
-    first_student, first_teacher = seeds_run[0][0][0], seeds_run[0][1][0]
-    secs = [np.mean([pair[i][0].seconds_per_video for pair in seeds_run]) for i in (1, 0)]
-    return (f"| {name} | {first_teacher.nfe:.0f} / {first_student.nfe:.0f} | {secs[0]:.2f} / {secs[1]:.2f} | "
+    nfe = [runs[0][0].nfe for runs in (teacher_runs, student_runs)]
+    secs = [np.mean([run.seconds_per_video for run, _ in runs]) for runs in (teacher_runs, student_runs)]
+    return (f"| {name} | {nfe[0]:.0f} / {nfe[1]:.0f} | {secs[0]:.2f} / {secs[1]:.2f} | "
             f"{t['lipsync_corr']:.3f} / {s['lipsync_corr']:.3f} | "
             f"{keeps[0]:.0%} [{low:.0%}, {high:.0%}] / {keeps[1]:.0%} / {keeps[2]:.0%}"
             f" | {lip['diff']:+.3f} [{lip['ci_low']:+.3f}, {lip['ci_high']:+.3f}], {lip['sign_p']:.3f} | "

@@ -341,7 +341,8 @@ def velocity_fn(model: nn.Module, cond: dict[str, Any], scales: dict[str, float]
 class DistillTask(SFTTask):
     """Student = a plain AvatarModel (full fine-tuning) from the sft weights; teacher = the same weights, frozen;
     with dmd2 the trained module is a StudentCritic (student and critic both from the sft weights).
-    Data (the sft stage's identities' clips) and held-out prompts as in personality_sft."""
+    Data: the whole training split, or the sft stage's identities' clips (options.train_identities); held-out
+    prompts as in personality_sft (the sft identities)."""
 
     options_type = DistillOptions
 
