@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--json", default="", help="also write every number here")
     ap.add_argument("--a2v", default="", help="an a2v stage dir to use instead of the run's (experiments)")
     ap.add_argument("--sft", default="", help="a personality_sft stage dir to use instead of the run's (claim c)")
+    ap.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
+                    help="sample with the reference's attention share calibrated to TOKENS reference tokens")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
@@ -108,6 +110,9 @@ def main() -> int:
     a2v_dir = Path(args.a2v) if args.a2v else a2v_dir
     sft_dir = Path(args.sft) if args.sft else sft_dir
     a2v, sft = Generator(a2v_dir), Generator(sft_dir)
+    if args.reference_share is not None:
+        for g in (a2v, sft):
+            g.model.dit.set_reference_share(args.reference_share)
     sft_cfg = OmegaConf.to_container(OmegaConf.load(sft_dir / "config.yaml"), resolve=True)
     a2v_cfg = OmegaConf.to_container(OmegaConf.load(a2v_dir / "config.yaml"), resolve=True)
     a2v_opts = typed(A2VOptions, a2v_cfg["stages"][a2v_dir.name].get("options", {}))
@@ -141,7 +146,8 @@ def main() -> int:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
         want = set(args.claims)
         jobs = [
-            ("right audio", policy_a2v, prompts, None),  # also scored against the next prompt's speech
+            # also scored against the next prompt's speech; every claim but (c) compares against it
+            *([("right audio", policy_a2v, prompts, None)] if want - {"c"} else []),
             *([("other audio", policy_a2v, q.with_other_audio(prompts), None)] if "a" in want else []),
             *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), None)]
               if "b" in want else []),
@@ -170,7 +176,7 @@ def main() -> int:
     gt = summarize(scores["ground truth"])
     results["runs"]["ground truth"] = {"prompts": len(prompts), **{k: gt.get(k) for k in OVERVIEW_KEYS}}
 
-    right, n_sub = scores["right audio"], args.sub_prompts
+    right, n_sub = scores.get("right audio"), args.sub_prompts
     claims = []
     if "other audio" in scores:
         claims += [
@@ -179,8 +185,9 @@ def main() -> int:
             ("a", "right vs other audio", "lipsync_conf", "right", "other",
              paired(right, scores["other audio"], "lipsync_conf")),
         ]
-    claims.append(("a", "same video: own vs other speech", "lipsync_corr", "own", "other",
-                   paired(right, right, "lipsync_corr", "lipsync_corr_other_audio")))
+    if right is not None:
+        claims.append(("a", "same video: own vs other speech", "lipsync_corr", "own", "other",
+                       paired(right, right, "lipsync_corr", "lipsync_corr_other_audio")))
     if "other identity's reference" in scores:
         claims.append(("b", "own vs other identity's reference", "identity_error", "own", "other",
                        paired(right[:n_sub], scores["other identity's reference"], "identity_error")))
@@ -188,8 +195,9 @@ def main() -> int:
         claims += [("c", "sft vs a2v, fine-tuned identities", metric, "sft", "a2v",
                     paired(scores["sft identities, sft"], scores["sft identities, a2v"], metric))
                    for metric in ("lipsync_corr", "identity_error", "behaviour_error")]
-    claims.append(("d", "backdrop: asked scene vs reference's scene", "scene_error", "asked", "ref's",
-                   paired(right, right, "scene_error", "scene_error_ref")))
+    if right is not None:
+        claims.append(("d", "backdrop: asked scene vs reference's scene", "scene_error", "asked", "ref's",
+                       paired(right, right, "scene_error", "scene_error_ref")))
     kept = [("d", "cross-scene vs same-scene caption", metric, "cross", "same",
              paired(right[:n_sub], scores["caption: reference's scene"], metric))
             for metric in ("identity_error", "behaviour_error") if "caption: reference's scene" in scores]

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-ref", type=float, default=None)
     gen.add_argument("--guidance-text", type=float, default=None)
     gen.add_argument("--caption", default="", help="optional text (e.g. the scene)")
+    gen.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
+                     help="weigh the reference like one of TOKENS reference tokens (the training reference's, "
+                          "80 for tiny) whatever its length: the caption's scene then wins over a long "
+                          "reference's backdrop; 0: plain joint attention")
     gen.add_argument("--seed", type=int, default=0)
 
     data = sub.add_parser("data", help="datasets: synth, ingest, inspect")
@@ -148,7 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from avatarforge.stages.generate import GenerateOptions, generate_file
 
     options = GenerateOptions(steps=args.steps, guidance_audio=args.guidance_audio, guidance_ref=args.guidance_ref,
-                              guidance_text=args.guidance_text, seed=args.seed, caption=args.caption)
+                              guidance_text=args.guidance_text, seed=args.seed, caption=args.caption,
+                              reference_share_tokens=args.reference_share)
     result = generate_file(args.checkpoint, args.reference, args.audio, args.out, options)
     print(f"wrote {result['out']}: {result['frames']} frames, {result['seconds']:.2f} s "
           f"({result['kind']} stage {result['stage']!r}, {result['steps']} steps)")

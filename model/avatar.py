@@ -56,6 +56,7 @@ from .reference_attention import (
     attention_lse,
     merge_reference,
     reference_self_attention,
+    share_calibration,
 )
 from .text_encoder import TextEncoder, TextEncoderConfig
 
@@ -70,6 +71,10 @@ class AvatarDiTConfig(DiTConfig):
     ref_block: int = 64  # reference tokens per selectable block
     query_block: int = 64  # video queries that share one selection
     ref_chunk_frames: int = 1  # reference tokens attend within chunks of this many token-frames (+ summary)
+    # > 0: the reference's share of each video query's softmax is kept at what this many reference tokens
+    # give (the training reference's token count), so a longer reference at sampling does not take more of
+    # the attention just by having more keys; 0: plain joint attention
+    ref_share_tokens: int = 0
     n_summary: int = 8  # learned summary queries (identity tokens are appended to them)
     # audio cross-attention
     audio_dim: int = 128  # AudioEncoderConfig.dim
@@ -158,6 +163,7 @@ class AvatarDiTBlock(DiTBlock):
             o_v, lse_v = attention_lse(q, k, v)
             cfg = self.cfg
             o_r, lse_r = attend_reference(q, ref, cfg.ref_pattern, cfg.ref_top_k, cfg.query_block)
+            lse_r = lse_r - share_calibration(ref, cfg.ref_pattern, cfg.ref_top_k, cfg.ref_share_tokens)
             o = merge_reference(o_v, lse_v, o_r, lse_r, self.ref_gate, keep_ref)
             a = self.attn.out(o.transpose(1, 2).flatten(2))
         x = x + gate1 * a
@@ -187,6 +193,13 @@ class AvatarDiT(DiT):
         self.identity_ada = nn.Linear(2 * d, d)
         self.anchor_embed = nn.Linear(self.patch_dim, d) if cfg.ref_anchor else None
         self.reset_parameters()
+
+    def set_reference_share(self, tokens: int) -> None:
+        """Sampling-time `ref_share_tokens` (0: off); the blocks read it from the config they share, so a
+        trained model can be sampled either way without retraining."""
+        if tokens < 0:
+            raise ValueError(f"reference share tokens must be >= 0, got {tokens}")
+        self.cfg.ref_share_tokens = int(tokens)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -240,6 +240,24 @@ def attend_reference(q: torch.Tensor, kv: ReferenceKV, pattern: str, top_k: int,
     return out, lse.reshape(b, h, nq * query_block)[:, :, :n]
 
 
+def reference_keys_seen(kv: ReferenceKV, pattern: str, top_k: int) -> int:
+    """How many reference tokens one video query attends to (summary tokens not counted)."""
+    if pattern == "dense" or kv.n_blocks <= top_k:
+        return kv.n_ref
+    return min(kv.n_ref, top_k * kv.block)
+
+
+def share_calibration(kv: ReferenceKV, pattern: str, top_k: int, calibrated_tokens: int) -> float:
+    """What to subtract from lse_r so the reference's softmax share is that of `calibrated_tokens`
+    reference tokens (the training length) whatever the reference's length: log(seen / calibrated),
+    summary tokens counted on both sides. Without it the share grows with every extra key (a 16 s
+    reference: 3x the keys of training, and the model copied its backdrop over the caption's; README)."""
+    if calibrated_tokens <= 0:
+        return 0.0
+    seen = reference_keys_seen(kv, pattern, top_k)
+    return math.log((kv.n_summary + seen) / (kv.n_summary + calibrated_tokens))
+
+
 def reference_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_summary: int, pattern: str,
                              chunk: int) -> torch.Tensor:
     """The reference stream's own attention over its tokens [summary (S); reference]: q, k, v [B, H, S + R, d].

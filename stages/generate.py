@@ -47,6 +47,10 @@ class GenerateOptions:
     guidance_text: float | None = None
     seed: int = 0
     caption: str = ""
+    # the reference's attention share calibrated to this many reference tokens (the training reference's:
+    # a long reference then weighs like a training-length one, and the caption's scene wins over the
+    # reference's backdrop, at some cost in identity; README claim d); None: the checkpoint's setting
+    reference_share_tokens: int | None = None
 
 
 def sampling_defaults(cfg: dict[str, Any], stage: str) -> dict[str, float]:
@@ -154,6 +158,8 @@ class Generator:
                  progress: bool = True) -> np.ndarray:
         """uint8 frames [N, S, S, 3] covering the audio."""
         options = self.resolve(options)
+        if options.reference_share_tokens is not None:
+            self.model.dit.set_reference_share(options.reference_share_tokens)
         text, mask = encode_text(options.caption, self.model.text_encoder.cfg.max_len)
         scales = {"audio": options.guidance_audio, "reference": options.guidance_ref, "text": options.guidance_text}
         sampled = sample_windows(

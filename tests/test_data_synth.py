@@ -272,6 +272,15 @@ def test_captions_fit_default_text_length() -> None:
         assert any(word in c for c in captions), word
 
 
+def test_captions_name_the_room_first() -> None:
+    """The room at a fixed place (the text encoder learns it there, README claim d), the person after."""
+    for i in range(50):
+        ident, scene = sample_identity(0, i), sample_scene(0, i, 1)
+        text = caption(ident, scene)
+        assert text.startswith(f"in a {scene.colour} room: a")
+        assert "-faced" in text and text.endswith(("slowly", "steadily", "quickly"))
+
+
 def test_sizes_the_loader_cannot_decode_are_refused_up_front(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size 48: decord cannot decode"):
         generate_dataset(str(tmp_path), SYNTH, size=48, fps=FPS, sample_rate=SR)

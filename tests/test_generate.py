@@ -61,3 +61,18 @@ def test_each_stage_samples_as_it_was_trained(finished_run, inputs, stage, expec
     proc = run_cli("generate", "--checkpoint", str(run_dir / stage), "--reference", str(inputs / "ref.mp4"),
                    "--audio", str(inputs / "speech.wav"), "--out", str(inputs / "each.mp4"))
     assert expected in proc.stdout
+
+
+def test_reference_share_changes_the_sampling_of_a_trained_model(finished_run, inputs):
+    """--reference-share recalibrates the reference's attention share at sampling, no retraining: the same
+    seed gives another video (the model-level equivalence at the training length is a fast test)."""
+    run_dir, _ = finished_run
+    videos = []
+    for extra in ([], ["--reference-share", "4"]):
+        out = inputs / f"share{len(extra)}.mp4"
+        run_cli("generate", "--checkpoint", str(run_dir / "stages/sft"), "--reference", str(inputs / "ref.mp4"),
+                "--audio", str(inputs / "speech.wav"), "--out", str(out), "--steps", "2", *extra)
+        with av.open(str(out)) as container:
+            videos.append(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+    assert videos[0].shape == videos[1].shape
+    assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 0.5

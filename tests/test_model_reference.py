@@ -19,6 +19,7 @@ from avatarforge.model.reference_attention import (
     merge_reference,
     reference_self_attention,
     select_blocks,
+    share_calibration,
 )
 from avatarforge.model.text_encoder import TextEncoder, TextEncoderConfig
 
@@ -363,3 +364,36 @@ def test_reference_gate_init_one_is_joint_attention_from_t2v_weights():
         model(x, t, torch.ones(2, 5, dtype=torch.long), mask, reference=ref).square().mean().backward()
         grads[init] = float(model.dit.ref_segment.grad.abs().sum())
     assert grads[0.0] == 0.0 and grads[1.0] > 0.0
+
+
+def test_share_calibration_keeps_the_reference_share_when_its_keys_repeat():
+    """A reference shown twice (every key twice) takes more of a joint softmax; calibrated to the
+    original's token count it takes exactly the original's share."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+    once = ReferenceKV.build(k, v, n_summary=0, block=4)
+    twice = ReferenceKV.build(torch.cat([k, k], 2), torch.cat([v, v], 2), n_summary=0, block=4)
+    _, lse_once = attend_reference(q, once, "dense", 2, 4)
+    _, lse_twice = attend_reference(q, twice, "dense", 2, 4)
+    assert torch.allclose(lse_twice, lse_once + math.log(2), atol=1e-5)
+    assert share_calibration(once, "dense", 2, 10) == 0.0 and share_calibration(twice, "dense", 2, 0) == 0.0
+    assert math.isclose(share_calibration(twice, "dense", 2, 10), math.log(2))
+    # sparse: a query sees the summary + top_k blocks, whatever the reference's length
+    long = ReferenceKV.build(torch.randn(1, 2, 3 + 40, 8), torch.randn(1, 2, 3 + 40, 8), n_summary=3, block=4)
+    assert math.isclose(share_calibration(long, "topk", 2, 4), math.log((3 + 8) / (3 + 4)))
+
+
+def test_ref_share_tokens_leaves_the_training_length_unchanged():
+    x, t, text, mask, ref = inputs()  # 7 reference token-frames of 4 x 4 tokens
+    plain = _model(ref_pattern="dense")
+    open_gates(plain, gate=1.0)
+    outs = {}
+    for tokens in (7 * 16, 2 * 16):
+        model = _model(ref_pattern="dense", ref_share_tokens=tokens)
+        model.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            outs[tokens] = model(x, t, text, mask, reference=ref)
+    with torch.no_grad():
+        base = plain(x, t, text, mask, reference=ref)
+    assert torch.allclose(outs[7 * 16], base, atol=1e-6)
+    assert not torch.allclose(outs[2 * 16], base, atol=1e-4)  # calibrated to a shorter reference: less of it

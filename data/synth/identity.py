@@ -214,11 +214,15 @@ def pace(identity: IdentityParams) -> str:
 
 
 def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96) -> str:
-    """E.g. 'a round-faced person with curly red hair and glasses, speaking quickly, in a blue room'.
+    """E.g. 'in a blue room: a round-faced person with curly red hair and glasses, speaking quickly'.
 
-    Face shape, hair, pace and room always; glasses, earrings and a habitual smile as long as the caption
+    Room, face shape, hair and pace always; glasses, earrings and a habitual smile as long as the caption
     stays within `max_bytes` (the default text_max_len), so nothing is cut off mid-word. Skin, eyes,
     teeth, clothes, voice and the finer habits are ground truth in the json, not caption words.
+    The room comes first, at a fixed place: the byte-level text encoder, trained from scratch on a few
+    dozen captions, learnt the room word there (held-out captions' backdrops nearer the asked scene than
+    another's in 88% of prompts after 300 t2v steps) but not after a description of varying length (at
+    chance, 44%; README, claim d).
     """
     article = "an" if identity.face_shape[0] in "aeiou" else "a"
     if identity.hair_style == "bald":
@@ -235,7 +239,7 @@ def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96) -> str:
             joiner = " with " if identity.hair_style == "bald" else (", " if len(extras) > 1 else " and ")
             text += joiner + " and ".join(extras)
         text += ", smiling," if smiling else ","
-        return f"{text} speaking {pace(identity)}, in a {scene.colour} room"
+        return f"in a {scene.colour} room: {text} speaking {pace(identity)}"
 
     extras: list[str] = []
     for item in wanted:
