@@ -14,6 +14,7 @@ class SynthConfig:
     clips_per_identity: int = 4
     clip_seconds: float = 1.6
     reference_seconds: float = 4.0  # each identity's reference record (another scene); 0: none
+    caption_room: str = "last"  # where captions name the room: "last" (after the person) | "first"
     shard_size: int = 16  # samples per tar shard
     seed: int = 0
     workers: int = 2  # processes for generation

@@ -75,6 +75,10 @@ class A2VOptions(FlowLossOptions):
     guidance_text: float = 1.0
     guidance_audio: float = 2.0
     guidance_reference: float = 1.5
+    # a2v: leave the personality_sft stage's identities out of pretraining, so that stage fine-tunes people
+    # the model has never seen (a new customer), as the product does; otherwise sft re-fits identities a2v
+    # already trained on (README, claim c)
+    holdout_personality: bool = False
 
     def validate(self) -> list[str]:
         errors = self.flow_errors()
@@ -91,6 +95,12 @@ class SFTOptions(A2VOptions):
     lora: bool = False  # LoRA adapters (merged into the exported weights) instead of full fine-tuning
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     identity_loss_weight: float = 0.1
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.holdout_personality:
+            errors.append("holdout_personality is an a2v option: personality_sft trains on those identities")
+        return errors
 
 
 def mouth_prior(shape: tuple[int, ...], options: A2VOptions) -> torch.Tensor:
@@ -152,7 +162,13 @@ class AvatarTask:
 
     def train_identities(self) -> list[str] | None:
         """The identities whose clips the stage trains on (None: the whole training split)."""
-        return self.identities()
+        if not self.options.holdout_personality:
+            return self.identities()
+        from avatarforge.data.index import read_index
+        from avatarforge.stages.prompts import personality_identities
+
+        tuned = set(personality_identities(self.args["config"], self.data))
+        return [i for i in read_index(self.data.root, self.data.train_split)["identities"] if i not in tuned]
 
     def train_batches(self, *, rank: int, world_size: int, start_batch: int) -> Iterator[Any]:
         for batch in train_stream(self.data, batch_size=self.batch_size, rank=rank, world_size=world_size,

@@ -229,10 +229,10 @@ def eval_world(data: DataConfig, root: str, *, heldout_identities: int = 8, refe
                     workers=data.synth.workers if workers is None else workers)
     out = replace(data, root=str(root), synth=synth)
     wanted = {"seed": synth.seed, "clip_seconds": synth.clip_seconds, "reference_seconds": synth.reference_seconds,
-              "clips_per_identity": synth.clips_per_identity}
+              "clips_per_identity": synth.clips_per_identity, "caption_room": synth.caption_room}
     if dataset_exists(root):
         index = read_index(root, data.eval_split)
-        have = {k: index["generator"].get(k) for k in wanted}
+        have = {k: index["generator"].get(k, "last" if k == "caption_room" else None) for k in wanted}
         if have == wanted and len(index["identities"]) == heldout_identities and index["size"] == data.size:
             return out
     generate_dataset(str(root), synth, size=data.size, fps=data.fps, sample_rate=data.sample_rate)
@@ -293,7 +293,8 @@ def make_prompts(speeches: Sequence[Speech], identities: Mapping[str, IdentityRe
         if target not in identities:
             raise ValueError(f"no reference record for identity {target!r}")
         rec = identities[target]
-        text = caption(IdentityParams.from_json(rec.params), Scene.from_json(sp.scene), max_bytes=data.text_max_len)
+        text = caption(IdentityParams.from_json(rec.params), Scene.from_json(sp.scene), max_bytes=data.text_max_len,
+                       room=data.synth.caption_room)
         prompts.append(Prompt(sp.key, target, sp.frames, sp.phonemes, rec.params, sp.scene, text, sp.wave, sp.key,
                               rec.reference, target, rec.scene))
     return prompts
@@ -343,6 +344,7 @@ def with_other_reference(prompts: Sequence[Prompt], identities: Mapping[str, Ide
 def with_caption_scene(prompts: Sequence[Prompt], scenes: Sequence[dict[str, Any]], data: DataConfig) -> list[Prompt]:
     """Each prompt's caption asking for scenes[i] instead (the scene truth follows the caption)."""
     return [replace(p, scene=s, caption=caption(IdentityParams.from_json(p.identity_params), Scene.from_json(s),
+                                                room=data.synth.caption_room,
                                                 max_bytes=data.text_max_len))
             for p, s in zip(prompts, scenes, strict=True)]
 

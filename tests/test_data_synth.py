@@ -272,13 +272,32 @@ def test_captions_fit_default_text_length() -> None:
         assert any(word in c for c in captions), word
 
 
-def test_captions_name_the_room_first() -> None:
-    """The room at a fixed place (the text encoder learns it there, README claim d), the person after."""
+def test_captions_name_the_room_last_or_first() -> None:
+    """room="first" puts the room at a fixed place (what the text encoder can learn, README claim d)."""
     for i in range(50):
         ident, scene = sample_identity(0, i), sample_scene(0, i, 1)
-        text = caption(ident, scene)
-        assert text.startswith(f"in a {scene.colour} room: a")
-        assert "-faced" in text and text.endswith(("slowly", "steadily", "quickly"))
+        last, first = caption(ident, scene), caption(ident, scene, room="first")
+        assert last.startswith("a") and last.endswith(f", in a {scene.colour} room")
+        assert first.startswith(f"in a {scene.colour} room: a")
+        assert first.endswith(("slowly", "steadily", "quickly")) and "-faced" in first
+    with pytest.raises(ValueError, match="room must be one of"):
+        caption(sample_identity(0, 0), sample_scene(0, 0, 1), room="middle")
+
+
+def test_caption_room_reaches_the_records_and_the_index(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    generate_dataset(str(tmp_path), replace(SYNTH, identities=1, heldout_identities=1, clips_per_identity=1,
+                                            caption_room="first"), size=SIZE, fps=FPS, sample_rate=SR)
+    index = read_index(str(tmp_path), "train")
+    assert index["generator"]["caption_room"] == "first"
+    with tarfile.open(tmp_path / "train" / index["shards"][0]) as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")
+                 and ".ref." not in m.name]
+    assert metas and all(m["caption"].startswith("in a ") for m in metas)
+    with pytest.raises(ValueError, match="caption_room"):
+        generate_dataset(str(tmp_path / "x"), replace(SYNTH, caption_room="middle"), size=SIZE, fps=FPS,
+                         sample_rate=SR)
 
 
 def test_sizes_the_loader_cannot_decode_are_refused_up_front(tmp_path: Path) -> None:

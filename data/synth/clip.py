@@ -47,6 +47,7 @@ def metadata(
     n_frames: int,
     size: int,
     fps: float,
+    caption_room: str = "last",
 ) -> dict[str, Any]:
     """The json member: everything needed to score a render of this record against the truth."""
     return {
@@ -56,7 +57,7 @@ def metadata(
         "key": key,
         "identity": identity.name,
         "clip": clip,
-        "caption": caption(identity, scene),
+        "caption": caption(identity, scene, room=caption_room),
         "fps": float(fps),
         "frames": n_frames,
         "size": size,
@@ -88,6 +89,7 @@ def make_record(
     size: int,
     fps: float,
     sample_rate: int,
+    caption_room: str = "last",
 ) -> tuple[dict[str, Any], np.ndarray]:
     """A clip (clip: int) or the identity's reference (clip == "reference").
 
@@ -104,7 +106,7 @@ def make_record(
     frames = render_clip(identity, scene, motion, size)
     key = reference_key(identity.name) if kind == REFERENCE else clip_key(identity.name, int(clip))
     meta = metadata(identity, scene, speech, motion, key=key, kind=kind, clip=clip, n_frames=n_frames,
-                    size=size, fps=fps)
+                    size=size, fps=fps, caption_room=caption_room)
     prefix = REFERENCE_PREFIX if kind == REFERENCE else ""
     sample = {
         "__key__": key,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import SynthConfig
 from ..index import INDEX_NAME, SCHEMA_VERSION, SHARD_PATTERN, read_index, split_dir, write_index
 from .clip import GENERATOR, REFERENCE, make_record
-from .identity import identity_name, sample_identity
+from .identity import ROOM_PLACES, identity_name, sample_identity
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "heldout"
@@ -39,12 +39,14 @@ class _Job:
     size: int
     fps: float
     sample_rate: int
+    caption_room: str = "last"
 
 
 def _render_identity(job: _Job) -> tuple[_Job, dict[str, Any] | None, list[dict[str, Any]]]:
     """The reference and all clips of one identity (runs in a worker process; returns bytes only)."""
     identity = sample_identity(job.seed, job.index)
-    common = {"seed": job.seed, "size": job.size, "fps": job.fps, "sample_rate": job.sample_rate}
+    common = {"seed": job.seed, "size": job.size, "fps": job.fps, "sample_rate": job.sample_rate,
+              "caption_room": job.caption_room}
     reference = None
     if job.reference_seconds > 0:
         reference = make_record(identity, job.index, REFERENCE, seconds=job.reference_seconds, **common)[0]
@@ -137,13 +139,15 @@ def generate_dataset(root: str, synth: SynthConfig, *, size: int, fps: float, sa
         raise ValueError("synth.shard_size and synth.clips_per_identity must be >= 1, clip_seconds > 0")
     if synth.reference_seconds < 0:
         raise ValueError("synth.reference_seconds must be >= 0 (0: no reference records)")
+    if synth.caption_room not in ROOM_PLACES:
+        raise ValueError(f"synth.caption_room must be one of {ROOM_PLACES}, got {synth.caption_room!r}")
     ranges = {
         TRAIN_SPLIT: range(synth.identities),
         HELDOUT_SPLIT: range(synth.identities, synth.identities + synth.heldout_identities),
     }
     jobs = [
         _Job(split, i, synth.clips_per_identity, synth.seed, synth.clip_seconds, synth.reference_seconds, size, fps,
-             sample_rate)
+             sample_rate, synth.caption_room)
         for split, indices in ranges.items()
         for i in indices
     ]
@@ -193,6 +197,7 @@ def generate_dataset(root: str, synth: SynthConfig, *, size: int, fps: float, sa
                 "reference_seconds": synth.reference_seconds,
                 "clips_per_identity": synth.clips_per_identity,
                 "shard_size": synth.shard_size,
+                "caption_room": synth.caption_room,
             },
         }
         write_index(split_dir(root, split), index)  # last: an index means its shards are complete

@@ -213,17 +213,21 @@ def pace(identity: IdentityParams) -> str:
     return "steadily" if identity.speech_rate < 195 else "quickly"
 
 
-def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96) -> str:
-    """E.g. 'in a blue room: a round-faced person with curly red hair and glasses, speaking quickly'.
+ROOM_PLACES = ("last", "first")
+
+
+def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96, room: str = "last") -> str:
+    """E.g. 'a round-faced person with curly red hair and glasses, speaking quickly, in a blue room'
+    (room="first": 'in a blue room: a round-faced person ..., speaking quickly').
 
     Room, face shape, hair and pace always; glasses, earrings and a habitual smile as long as the caption
     stays within `max_bytes` (the default text_max_len), so nothing is cut off mid-word. Skin, eyes,
     teeth, clothes, voice and the finer habits are ground truth in the json, not caption words.
-    The room comes first, at a fixed place: the byte-level text encoder, trained from scratch on a few
-    dozen captions, learnt the room word there (held-out captions' backdrops nearer the asked scene than
-    another's in 88% of prompts after 300 t2v steps) but not after a description of varying length (at
-    chance, 44%; README, claim d).
+    The byte-level text encoder, trained from scratch on a few dozen captions, learns the room word at a
+    fixed place (first) but not after a description of varying length (last): README, claim d.
     """
+    if room not in ROOM_PLACES:
+        raise ValueError(f"room must be one of {ROOM_PLACES}, got {room!r}")
     article = "an" if identity.face_shape[0] in "aeiou" else "a"
     if identity.hair_style == "bald":
         who = f"{article} {identity.face_shape}-faced bald person"
@@ -239,7 +243,9 @@ def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96) -> str:
             joiner = " with " if identity.hair_style == "bald" else (", " if len(extras) > 1 else " and ")
             text += joiner + " and ".join(extras)
         text += ", smiling," if smiling else ","
-        return f"in a {scene.colour} room: {text} speaking {pace(identity)}"
+        if room == "first":
+            return f"in a {scene.colour} room: {text} speaking {pace(identity)}"
+        return f"{text} speaking {pace(identity)}, in a {scene.colour} room"
 
     extras: list[str] = []
     for item in wanted:
