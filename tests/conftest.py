@@ -129,6 +129,26 @@ def kill_at_checkpoint(args: list[str], storage: Path) -> None:
             pass
 
 
+@pytest.fixture
+def identity_streams(monkeypatch) -> list:
+    """The identities each avatar-stage training stream asks the loader for (one fake batch each); the
+    training split's index lists identities a, b, c, d."""
+    import torch
+
+    from avatarforge.data import index
+    from avatarforge.stages import avatar
+
+    asked: list = []
+
+    def fake_stream(data, *, identities, **kwargs):
+        asked.append(identities)
+        yield {k: torch.zeros(1) for k in avatar.BATCH_KEYS}
+
+    monkeypatch.setattr(avatar, "train_stream", fake_stream)
+    monkeypatch.setattr(index, "read_index", lambda root, split: {"identities": ["a", "b", "c", "d"]})
+    return asked
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Single-threaded torch for a module of tiny-model tests: one thread is fastest there, and immune to

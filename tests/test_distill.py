@@ -550,21 +550,11 @@ def test_identities_are_the_sft_stages(monkeypatch):
     assert task.identities() == ["d", "a"]
 
 
-def test_train_identities_choose_the_stream_not_the_eval(monkeypatch):
+def test_train_identities_choose_the_stream_not_the_eval(identity_streams):
     """train_identities: sft streams the fine-tuned identities' clips; all the whole training split (None);
     the evals stay on the sft identities either way."""
-    from avatarforge.data import index
     from avatarforge.data.config import DataConfig
-    from avatarforge.stages import avatar
 
-    asked = []
-
-    def fake_stream(data, *, identities, **kwargs):
-        asked.append(identities)
-        yield {k: torch.zeros(1) for k in avatar.BATCH_KEYS}
-
-    monkeypatch.setattr(avatar, "train_stream", fake_stream)
-    monkeypatch.setattr(index, "read_index", lambda root, split: {"identities": ["a", "b", "c", "d"]})
     config = {"stages": {"sft": {"kind": "personality_sft", "options": {"num_identities": 2}},
                          "distill": {"kind": "distill", "needs": ["sft"], "options": {}}}}
     task = DistillTask.__new__(DistillTask)
@@ -572,7 +562,7 @@ def test_train_identities_choose_the_stream_not_the_eval(monkeypatch):
     for choice, streamed in (("sft", ["a", "b"]), ("all", None)):
         task.options = DistillOptions(train_identities=choice)
         next(task.train_batches(rank=0, world_size=1, start_batch=0))
-        assert asked[-1] == streamed
+        assert identity_streams[-1] == streamed
         assert task.identities() == ["a", "b"]
     assert DistillOptions(train_identities="some").validate() == [
         "train_identities: must be one of ('sft', 'all'), got 'some'"]

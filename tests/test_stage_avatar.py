@@ -46,22 +46,12 @@ def test_sft_export_merges_lora_into_plain_weights():
     assert torch.allclose(plain(x), expected, atol=1e-6)
 
 
-def test_holdout_personality_leaves_the_sft_identities_out_of_a2v(monkeypatch):
+def test_holdout_personality_leaves_the_sft_identities_out_of_a2v(identity_streams):
     """a2v with holdout_personality streams every training identity but the ones personality_sft will
     fine-tune (new people for sft); without it the whole split (None); sft refuses the option."""
-    from avatarforge.data import index
     from avatarforge.data.config import DataConfig
-    from avatarforge.stages import avatar
     from avatarforge.stages.avatar import AvatarTask, SFTOptions
 
-    asked = []
-
-    def fake_stream(data, *, identities, **kwargs):
-        asked.append(identities)
-        yield {k: torch.zeros(1) for k in avatar.BATCH_KEYS}
-
-    monkeypatch.setattr(avatar, "train_stream", fake_stream)
-    monkeypatch.setattr(index, "read_index", lambda root, split: {"identities": ["a", "b", "c", "d"]})
     config = {"stages": {"a2v": {"kind": "a2v_pretrain", "options": {}},
                          "sft": {"kind": "personality_sft", "needs": ["a2v"], "options": {"identities": ["b", "d"]}}}}
     task = AvatarTask.__new__(AvatarTask)
@@ -69,6 +59,6 @@ def test_holdout_personality_leaves_the_sft_identities_out_of_a2v(monkeypatch):
     for holdout, streamed in ((True, ["a", "c"]), (False, None)):
         task.options = A2VOptions(holdout_personality=holdout)
         next(task.train_batches(rank=0, world_size=1, start_batch=0))
-        assert asked[-1] == streamed
+        assert identity_streams[-1] == streamed
     assert SFTOptions(holdout_personality=True).validate() == [
         "holdout_personality is an a2v option: personality_sft trains on those identities"]
