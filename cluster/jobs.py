@@ -64,7 +64,7 @@ def _submit_when_agent_ready(address: str, client: Any, wait_s: float, **job: An
 
 
 def submit(address: str, config_path: str, overrides: list[str], *, rerun: list[str] = (),
-           python: str = "python", submission_id: str | None = None, agent_wait_s: float = 120.0) -> str:
+           python: str = "python", submission_id: str | None = None, agent_wait_s: float = 300.0) -> str:
     """Upload the config file as the job's working dir and run `avatarforge run` there. Returns the id.
     Waits up to agent_wait_s for the cluster's job agent (a freshly started head has none for a while)."""
     client = _client(address)
