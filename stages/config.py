@@ -237,27 +237,47 @@ def stage_options(cfg: DictConfig, stage: str) -> Any:
     return OmegaConf.to_object(_typed(kind.options, cfg.stages[stage].options, prefix=f"stages.{stage}.options"))
 
 
+def _without_defaults(values: Any, defaults: Any) -> Any:
+    """`values` less every entry equal to its default (recursively), so that a field added to a schema
+    later, at its default, leaves existing configs' hashes as they were."""
+    if not (isinstance(values, dict) and isinstance(defaults, dict)):
+        return values
+    return {key: _without_defaults(value, defaults[key]) if key in defaults else value
+            for key, value in values.items() if key not in defaults or value != defaults[key]}
+
+
+def _defaults(schema: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+
+
 def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]) -> str:
     """Hash of everything that determines a stage's result: its own section, the model parts its kind
     uses, the data recipe (not where it lives, how many loader workers read it or whether the float
-    conversion runs in the loader or on the trainer's device: the same values), seed, parents."""
+    conversion runs in the loader or on the trainer's device: the same values), seed, parents.
+
+    Values at their schema defaults are left out, so a new config field (at its default) keeps finished
+    runs resumable; the price is that changing a default in the code is not seen as a config change
+    (runs that must not follow a default should set it in their YAML)."""
     from avatarforge.stages.registry import KINDS
 
     kind = KINDS[cfg.stages[stage].kind]
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("root", "num_workers", "video_uint8"):
         data.pop(key, None)
+    model_defaults = _defaults(ModelConfig)
     model = {}
     for section in kind.model_sections:
         name, _, schema = section.partition(":")  # "dit:base" = only the plain DiTConfig fields
         values = OmegaConf.to_container(cfg.model[name], resolve=True)
         if schema == "base":
             values = {k: v for k, v in values.items() if k in DIT_BASE_FIELDS}
-        model[name] = values
+        model[name] = _without_defaults(values, model_defaults[name])
+    stage_values = OmegaConf.to_container(cfg.stages[stage], resolve=True)
+    stage_defaults = {"train": _defaults(TrainConfig), "options": _defaults(kind.options)}
     payload = {
-        "stage": OmegaConf.to_container(cfg.stages[stage], resolve=True),
+        "stage": _without_defaults(stage_values, stage_defaults),
         "model": model,
-        "data": data,
+        "data": _without_defaults(data, _defaults(DataConfig)),
         "seed": cfg.seed,
         "parents": dict(sorted(parent_hashes.items())),
     }

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from avatarforge.stages.config import (
     ConfigError,
+    _without_defaults,
     cut_curriculum,
     descendants,
     load_config,
@@ -96,6 +97,22 @@ def test_topology_and_descendants(tmp_path):
     assert order.index("a") < order.index("b") < order.index("c")
     assert descendants(cfg, "a") == ["b", "c"]
     assert descendants(cfg, "d") == []
+
+
+def test_fingerprint_leaves_out_values_at_their_defaults():
+    """A field added to a schema later sits at its default in old configs: their hashes must not move,
+    or every finished run would refuse to resume after an upgrade."""
+    base = load_config(TINY)
+    a2v = stage_fingerprint(base, "a2v", {"t2v": "p"})
+    at_defaults = ["stages.a2v.options.holdout_personality=false", "data.synth.caption_room=last",
+                   "model.dit.ref_share_tokens=0", "stages.a2v.train.optimizer.eps=1e-8"]
+    assert a2v == stage_fingerprint(load_config(TINY, at_defaults), "a2v", {"t2v": "p"})
+    for changed in ("stages.a2v.options.holdout_personality=true", "data.synth.caption_room=first",
+                    "model.dit.ref_share_tokens=80", "stages.a2v.train.optimizer.eps=1e-6"):
+        assert a2v != stage_fingerprint(load_config(TINY, [changed]), "a2v", {"t2v": "p"}), changed
+    # an emptied mapping is not its non-empty default
+    assert _without_defaults({"m": {}, "k": 1}, {"m": {"a": 1}, "k": 1}) == {"m": {}}
+    assert _without_defaults({"m": {"a": 1, "b": 2}}, {"m": {"a": 1, "b": 3}}) == {"m": {"b": 2}}
 
 
 def test_fingerprint_tracks_what_matters():

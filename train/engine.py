@@ -12,14 +12,17 @@ import torch
 from torch import nn
 
 from avatarforge.train.config import TrainConfig
+from avatarforge.train.prebuild import clear_stale_build_locks
 
 CHECKPOINT_TAG = "ds"
 
 
 def ensure_accelerator(use_gpu: bool) -> None:
-    """DeepSpeed caches its accelerator on first use: pick it before `import deepspeed`."""
+    """DeepSpeed caches its accelerator on first use: pick it before `import deepspeed`. On CPU its comm
+    init loads a JIT-built op, which would wait forever on a killed build's lock."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_build_locks()
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
