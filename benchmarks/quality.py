@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--sft", default="", help="a personality_sft stage dir to use instead of the run's (claim c)")
     ap.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
                     help="sample with the reference's attention share calibrated to TOKENS reference tokens")
+    ap.add_argument("--guidance", type=float, nargs=3, default=None, metavar=("TEXT", "AUDIO", "REF"),
+                    help="guidance scales (default: the a2v stage's options)")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
@@ -118,6 +120,8 @@ def main() -> int:
     a2v_opts = typed(A2VOptions, a2v_cfg["stages"][a2v_dir.name].get("options", {}))
     scales = {"text": a2v_opts.guidance_text, "audio": a2v_opts.guidance_audio,
               "reference": a2v_opts.guidance_reference}
+    if args.guidance is not None:
+        scales = dict(zip(("text", "audio", "reference"), args.guidance, strict=True))
     steps = args.steps or a2v_opts.sample_steps
     data = a2v.data
     t0 = time.perf_counter()

@@ -203,6 +203,21 @@ def test_compare_policies_same_noise_nfe_and_self_tie(world, nets):
     assert cmp.summary["student"]["seconds_per_video"] > 0
 
 
+def test_prompts_sample_with_the_training_length_reference_by_default(world, nets):
+    """Records read long (for the reference-length claim) must not lengthen the other conditions' references:
+    by default a prompt is sampled with data.reference_frames frames, as `generate` reads a reference."""
+    model, ae = nets
+    short = replace(world, reference_frames=5)  # 5 frames, 4 apart: 0.8 s; the records were read 2 s long
+    speeches, ids = q.read_world(short, "heldout", reference_seconds=2.0)
+    prompts = q.make_prompts(speeches, ids, short, count=1)
+    assert prompts[0].reference.shape[1] == 9
+    policy = q.Policy("p", model, scales=GUIDED, steps=2)
+    default, training, whole = (q.sample_prompts(policy, ae, prompts, short, reference_seconds=s).videos[0]
+                                for s in (None, 0.8, 2.0))
+    assert np.array_equal(default, training)
+    assert not np.array_equal(default, whole)
+
+
 def test_spread_takes_identities_in_turn():
     speeches = [q.Speech(f"{i}-{c}", i, torch.zeros(1), None, 1, {}, np.zeros(1)) for i in "ab" for c in range(3)]
     assert [s.key for s in q.spread(speeches, 4)] == ["a-0", "b-0", "a-1", "b-1"]
