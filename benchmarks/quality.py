@@ -12,6 +12,7 @@ Claims (a paired comparison each: same prompts, same noise, one input changed):
       is the backdrop closer to the asked scene than to the reference's, and are identity and habits as
       good as when the caption asks for the reference's own scene;
   (e) identity error vs reference length (1 / 4 / 16 s, and the training length) on the same prompts.
+(a)-(d) sample with --reference-seconds of each reference (default 16 s, as `generate` reads a reference).
 (b)-(e) use the first --sub-prompts prompts. The run's a2v model answers (a), (b), (d), (e): most held-out
 identities are not the fine-tuned ones. The prompts come from a larger copy of the run's synthetic world
 (same seed: the same identities; 8 held-out identities x 4 clips, 16 s references), generated once under
@@ -102,6 +103,8 @@ def main() -> int:
     ap.add_argument("--sft", default="", help="a personality_sft stage dir to use instead of the run's (claim c)")
     ap.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
                     help="sample with the reference's attention share calibrated to TOKENS reference tokens")
+    ap.add_argument("--reference-seconds", type=float, default=16.0,
+                    help="reference length for claims a-d (default: generate's; 1.44 = the training length, 9 frames 4 apart)")
     ap.add_argument("--guidance", type=float, nargs=3, default=None, metavar=("TEXT", "AUDIO", "REF"),
                     help="guidance scales (default: the a2v stage's options)")
     args = ap.parse_args()
@@ -128,7 +131,7 @@ def main() -> int:
     world = q.eval_world(data, args.world or f"{data.root}-quality", heldout_identities=8,
                          reference_seconds=max([16.0, *args.lengths]))
     world_s = time.perf_counter() - t0
-    longest = max([*args.lengths, data.reference_frames * data.reference_stride / data.fps])
+    longest = max([*args.lengths, args.reference_seconds, data.reference_frames * data.reference_stride / data.fps])
     speeches, heldout = q.read_world(world, world.eval_split, reference_seconds=longest)
     chosen = q.spread(speeches, args.prompts)
     prompts = q.make_prompts(chosen, heldout, world, count=args.prompts)
@@ -149,16 +152,17 @@ def main() -> int:
     with q.Scorer(world, args.workers) as scorer:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
         want = set(args.claims)
+        main = args.reference_seconds
         jobs = [
             # also scored against the next prompt's speech; every claim but (c) compares against it
-            *([("right audio", policy_a2v, prompts, None)] if want - {"c"} else []),
-            *([("other audio", policy_a2v, q.with_other_audio(prompts), None)] if "a" in want else []),
-            *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), None)]
+            *([("right audio", policy_a2v, prompts, main)] if want - {"c"} else []),
+            *([("other audio", policy_a2v, q.with_other_audio(prompts), main)] if "a" in want else []),
+            *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), main)]
               if "b" in want else []),
             *([("caption: reference's scene", policy_a2v,
-                q.with_caption_scene(sub, [p.reference_scene for p in sub], world), None)] if "d" in want else []),
-            *([("sft identities, a2v", policy_a2v, sft_prompts, None), ("sft identities, sft", policy_sft,
-                                                                         sft_prompts, None)] if "c" in want else []),
+                q.with_caption_scene(sub, [p.reference_scene for p in sub], world), main)] if "d" in want else []),
+            *([("sft identities, a2v", policy_a2v, sft_prompts, main), ("sft identities, sft", policy_sft,
+                                                                         sft_prompts, main)] if "c" in want else []),
             *([(f"reference {s:g} s", policy_a2v, sub, s) for s in args.lengths] if "e" in want else []),
         ]
         for name, policy, ps, seconds in jobs:
@@ -226,7 +230,7 @@ def main() -> int:
                    f"{fmt(r.get('seconds_per_video', np.nan), 2)} | "
                    + " | ".join(fmt(r.get(k)) for k in OVERVIEW_KEYS) + " |")
     out += ["", "| reference | frames | span (s) | identity error (mean, 95% CI) | behaviour error |", "|---|---|---|---|---|"]
-    length_rows = [(data.reference_frames, "right audio")] + [
+    length_rows = [(q.reference_frames_for(args.reference_seconds, world.fps, world.reference_stride), "right audio")] + [
         (q.reference_frames_for(s, world.fps, world.reference_stride), f"reference {s:g} s") for s in lengths]
     for frames, name in sorted(length_rows):
         if name not in scores:
@@ -235,7 +239,7 @@ def main() -> int:
         ident = np.array([s["identity_error"] for s in sc])
         boot = np.random.default_rng(0).choice(ident, (2000, len(ident))).mean(axis=1)
         span = ((frames - 1) * world.reference_stride + 1) / world.fps
-        out.append(f"| {name if name != 'right audio' else 'training length'} | {frames} | {span:.2f} | "
+        out.append(f"| {name if name != 'right audio' else 'claims a-d'} | {frames} | {span:.2f} | "
                    f"{ident.mean():.3f} [{np.percentile(boot, 2.5):.3f}, {np.percentile(boot, 97.5):.3f}] | "
                    f"{np.mean([s['behaviour_error'] for s in sc]):.3f} |")
     total = time.perf_counter() - start

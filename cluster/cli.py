@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weigh the reference like one of TOKENS reference tokens (the training reference's, "
                           "80 for tiny) whatever its length: the caption's scene then wins over a long "
                           "reference's backdrop; 0: plain joint attention")
+    gen.add_argument("--reference-seconds", type=float, default=16.0,
+                     help="condition on up to this much of the reference video (every data.reference_stride-th "
+                          "frame; longer references keep identity better)")
     gen.add_argument("--seed", type=int, default=0)
 
     data = sub.add_parser("data", help="datasets: synth, ingest, inspect")
@@ -153,10 +156,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     options = GenerateOptions(steps=args.steps, guidance_audio=args.guidance_audio, guidance_ref=args.guidance_ref,
                               guidance_text=args.guidance_text, seed=args.seed, caption=args.caption,
-                              reference_share_tokens=args.reference_share)
+                              reference_share_tokens=args.reference_share, reference_seconds=args.reference_seconds)
     result = generate_file(args.checkpoint, args.reference, args.audio, args.out, options)
     print(f"wrote {result['out']}: {result['frames']} frames, {result['seconds']:.2f} s "
-          f"({result['kind']} stage {result['stage']!r}, {result['steps']} steps)")
+          f"({result['kind']} stage {result['stage']!r}, {result['steps']} steps; reference "
+          f"{result['reference_frames']} frames {result['reference_stride']} apart)")
     return 0
 
 

@@ -1,7 +1,10 @@
 """Inference: reference video + audio (any length) -> a lip-synced mp4 with the audio muxed in.
 
 The audio is cut into windows of `data.frames` video frames sharing one frame each (see
-stages/sampling.py, which the evals and the quality library use too).
+stages/sampling.py, which the evals and the quality library use too). The reference is read whole, every
+`data.reference_stride`-th frame, up to `reference_seconds` (16 s by default): Sparse Reference Attention
+conditions on all of it, and a longer reference scores better on identity and lip sync than the training
+length (README, claim e).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from avatarforge.data.config import DataConfig
 from avatarforge.data.footage import CutStats, SkipSource, read_audio, square_frame
 from avatarforge.data.tokenizer import encode_text
 from avatarforge.model.audio import AudioEncoderConfig
+from avatarforge.model.autoencoder import AutoencoderConfig, temporal_factor
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
 from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.stages.common import FrozenAutoencoder, typed
@@ -30,6 +34,7 @@ from avatarforge.stages.sampling import guided_velocity_fn, sample_windows
 # preferred first when a run directory is given: the aligned policy, the distilled student, sft, a2v
 AVATAR_KINDS = ("rlhf", "distill", "personality_sft", "a2v_pretrain")
 FEW_STEP_KINDS = ("rlhf", "distill")  # guidance baked in: single-pass steps at scale 1
+REFERENCE_SECONDS = 16.0  # the longest reference measured (README, claim e)
 
 
 class GenerateError(ValueError):
@@ -51,6 +56,18 @@ class GenerateOptions:
     # a long reference then weighs like a training-length one, and the caption's scene wins over the
     # reference's backdrop, at some cost in identity; README claim d); None: the checkpoint's setting
     reference_share_tokens: int | None = None
+    # how much of the reference video to condition on (every data.reference_stride-th frame); a shorter
+    # video is used whole (at least the training length's frames, the last one repeated)
+    reference_seconds: float = REFERENCE_SECONDS
+
+
+def reference_indices(n_frames: int, stride: int, min_frames: int, max_frames: int, frames_per_latent: int) -> np.ndarray:
+    """Which frames of an `n_frames` video make the reference: every `stride`-th, as many as the video
+    holds up to `max_frames` (at least `min_frames`, repeating the last frame), trimmed to 1 + k *
+    `frames_per_latent` frames as the causal autoencoder encodes them."""
+    available = min(max_frames, -(-n_frames // stride))
+    count = max(min_frames, 1 + frames_per_latent * ((available - 1) // frames_per_latent))
+    return np.clip(np.arange(count) * stride, 0, n_frames - 1)
 
 
 def sampling_defaults(cfg: dict[str, Any], stage: str) -> dict[str, float]:
@@ -101,6 +118,7 @@ class Generator:
             raise GenerateError(f"the autoencoder stage of {stage_dir.parent.parent} is missing or unfinished")
         self.device = torch.device(device)
         self.data = typed(DataConfig, cfg["data"])
+        self.frames_per_latent = temporal_factor(typed(AutoencoderConfig, cfg["model"]["autoencoder"]).temporal_downsample)
         self.autoencoder = FrozenAutoencoder(cfg["model"]["autoencoder"], json.loads(ae_done.read_text())["weights"])
         self.model = AvatarModel(typed(TextEncoderConfig, cfg["model"]["text"]),
                                  typed(AvatarDiTConfig, cfg["model"]["dit"]),
@@ -120,8 +138,11 @@ class Generator:
 
     # -- inputs -------------------------------------------------------------------------------------
 
-    def read_reference(self, path: str | Path) -> torch.Tensor:
-        """[1, 3, reference_frames, S, S] in [-1, 1]: the video at data.fps, centre-square, resized."""
+    def read_reference(self, path: str | Path, seconds: float = REFERENCE_SECONDS) -> torch.Tensor:
+        """[1, 3, Tr, S, S] in [-1, 1]: up to `seconds` of the video at data.fps (see reference_indices),
+        centre-square, resized."""
+        if seconds <= 0:
+            raise GenerateError(f"--reference-seconds must be > 0, got {seconds}")
         frames = []
         try:
             with av.open(str(path)) as container:
@@ -134,8 +155,9 @@ class Generator:
             raise GenerateError(f"{path}: not a readable video ({str(exc).splitlines()[0]})") from None
         if not frames:
             raise GenerateError(f"{path}: the video has no frames")
-        stride, count = self.data.reference_stride, self.data.reference_frames
-        idx = np.clip(np.arange(count) * stride, 0, len(frames) - 1)
+        stride = self.data.reference_stride
+        longest = max(1, int(seconds * self.data.fps / stride + 1e-9))
+        idx = reference_indices(len(frames), stride, self.data.reference_frames, longest, self.frames_per_latent)
         video = torch.from_numpy(np.stack([frames[i] for i in idx])).float() / 127.5 - 1
         return video.permute(3, 0, 1, 2)[None]
 
@@ -195,9 +217,9 @@ def generate_file(checkpoint: str, reference: str, audio: str, out: str, options
     if options.steps is not None and options.steps < 1:
         raise GenerateError("--steps must be >= 1")
     gen = Generator(checkpoint)
-    ref, wave = gen.read_reference(reference), gen.read_audio(audio)
+    ref, wave = gen.read_reference(reference, options.reference_seconds), gen.read_audio(audio)
     frames = gen.generate(ref, wave, options)
     write_mp4(out, frames, gen.data.fps, wave, gen.data.sample_rate)
     used = gen.resolve(options)
     return {"out": out, "frames": len(frames), "seconds": len(frames) / gen.data.fps, "stage": gen.stage,
-            "kind": gen.kind, "steps": used.steps}
+            "kind": gen.kind, "steps": used.steps, "reference_frames": ref.shape[2], "reference_stride": gen.data.reference_stride}

@@ -31,6 +31,7 @@ def test_generate_writes_video_with_audio(finished_run, inputs):
                    "--audio", str(inputs / "speech.wav"), "--out", str(out), "--steps", "2")
     assert "33 frames" in proc.stdout  # ceil(1.3 s * 25 fps)
     assert "rlhf stage 'rlhf', 2 steps" in proc.stdout  # a run dir means its final (aligned) policy
+    assert "reference 9 frames" in proc.stdout  # a 0.8 s reference: the training length, last frame repeated
     with av.open(str(out)) as container:
         kinds = sorted(s.type for s in container.streams)
         video = container.streams.video[0]
