@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from avatarforge.stages.generate import REFERENCE_SECONDS
+
 
 def students_of(run_dir: Path) -> tuple[str, list[str]]:
     """The run's personality_sft stage and its finished few-step policies: distill-kind stages, then the
@@ -57,7 +59,8 @@ def share_interval(student: np.ndarray, teacher: np.ndarray, n_boot: int = 2000)
     return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
 
 
-def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = None, seeds: int = 1) -> str:
+def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = None, seeds: int = 1,
+              reference_seconds: float = REFERENCE_SECONDS) -> str:
     from avatarforge.stages import quality as q
     from avatarforge.stages.generate import Generator
 
@@ -65,9 +68,9 @@ def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = 
     students = [n for n in students if not only or n in only]
     teacher = Generator(run_dir / "stages" / sft)
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(16.0, reference_seconds))
     lines = [f"Teacher `{sft}` vs each student, {len(prompts)} windowed held-out prompts ({prompts[0].frames} "
-             f"frames) x {seeds} noise seed(s), same noise:", "",
+             f"frames, {reference_seconds:g} s references) x {seeds} noise seed(s), same noise:", "",
              "| student | NFE / video (teacher / student) | wall s / video | lip-sync corr (teacher / student) "
              "| keeps lip sync [95% CI] / identity / behaviour | lip-sync diff [95% CI], sign p | student win rate |",
              "|---|---|---|---|---|---|---|"]
@@ -78,7 +81,7 @@ def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = 
         def sampled(policy: q.Policy, key: tuple, seed: int) -> tuple[q.SampleRun, list[dict[str, float]]]:
             if (key, seed) not in cache:
                 cache[key, seed] = q.sample_and_score(policy, teacher.autoencoder, prompts, world, scorer,
-                                                      seed=seed)
+                                                      seed=seed, reference_seconds=reference_seconds)
             return cache[key, seed]
 
         for name in students:
@@ -130,8 +133,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="oracle processes")
     parser.add_argument("--stages", nargs="*", default=None, help="only these few-step policies")
     parser.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt (pooled; more power)")
+    parser.add_argument("--reference-seconds", type=float, default=REFERENCE_SECONDS,
+                        help="reference length (default: generate's; 1.44 = the training length)")
     args = parser.parse_args()
-    print(retention(Path(args.run_dir), args.prompts, args.workers, args.stages, args.seeds))
+    print(retention(Path(args.run_dir), args.prompts, args.workers, args.stages, args.seeds, args.reference_seconds))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from avatarforge.stages.generate import REFERENCE_SECONDS
+
 
 def stage_manifests(run_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("*/DONE.json"))}
@@ -59,7 +61,8 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = None) -> str:
+def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = None,
+             reference_seconds: float = REFERENCE_SECONDS) -> str:
     """Each rlhf policy (or those in `only`) vs the distilled policy on windowed held-out prompts
     (stages/quality.py)."""
     from avatarforge.stages import quality as q
@@ -71,9 +74,10 @@ def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = N
         raise SystemExit(f"{run_dir}: expected one finished distill stage, found {distill}")
     teacher = Generator(run_dir / "stages" / distill[0])
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count)
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(16.0, reference_seconds))
     base = q.Policy("distilled", teacher.model, steps=teacher.defaults["steps"])
-    lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities):", "",
+    lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities, "
+             f"{reference_seconds:g} s references):", "",
              "| stage | oracle win rate vs distilled | sign-test p | utility (policy / distilled) | lip-sync corr "
              "| identity error | behaviour error |", "|---|---|---|---|---|---|---|"]
     for name, m in manifests.items():
@@ -81,7 +85,8 @@ def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = N
             continue
         gen = Generator(run_dir / "stages" / name)
         policy = q.Policy(name, gen.model, steps=gen.defaults["steps"])
-        c = q.compare_policies(policy, base, teacher.autoencoder, prompts, world, workers=workers)
+        c = q.compare_policies(policy, base, teacher.autoencoder, prompts, world, workers=workers,
+                               reference_seconds=reference_seconds)
         a, b = c.summary[name], c.summary["distilled"]
         lines.append(f"| {name} | {c.utility_win_rate:.3f} | {c.utility.get('sign_p', float('nan')):.3f} | "
                      f"{a['utility']:.3f} / {b['utility']:.3f} | "
@@ -97,10 +102,12 @@ def main() -> None:
     parser.add_argument("--windowed", type=int, default=0, help="held-out windowed prompts per comparison (0: off)")
     parser.add_argument("--workers", type=int, default=1, help="oracle processes")
     parser.add_argument("--stages", nargs="*", default=None, help="windowed: only these rlhf stages")
+    parser.add_argument("--reference-seconds", type=float, default=REFERENCE_SECONDS,
+                        help="windowed: reference length (default: generate's; 1.44 = the training length)")
     args = parser.parse_args()
     print(report(Path(args.run_dir)))
     if args.windowed:
-        print(windowed(Path(args.run_dir), args.windowed, args.workers, args.stages))
+        print(windowed(Path(args.run_dir), args.windowed, args.workers, args.stages, args.reference_seconds))
 
 
 if __name__ == "__main__":

@@ -305,12 +305,13 @@ def tuned_identity_prompts(data: DataConfig, config: Mapping[str, Any], count: i
                            ) -> tuple[DataConfig, list[Prompt]]:
     """The quality world next to `data` (eval_world at `root`, default `{data.root}-quality`) and `count`
     of its held-out speeches given to the identities the run's personality_sft stage fine-tuned: how the
-    benchmarks compare the later policies (distilled, RLHF) the way `generate` samples them."""
+    benchmarks compare the later policies (distilled, RLHF) the way `generate` samples them. The prompts'
+    references are `reference_seconds` long (sample them with up to that many seconds)."""
     world = eval_world(data, root or f"{data.root}-quality", heldout_identities=heldout_identities,
                        reference_seconds=reference_seconds)
     speeches, _ = read_world(world, world.eval_split)
     targets = personality_identities(dict(config), world)
-    tuned = read_identities(world, world.train_split, targets)
+    tuned = read_identities(world, world.train_split, targets, reference_seconds=reference_seconds)
     return world, make_prompts(spread(speeches, count), tuned, world, count=count, targets=targets)
 
 
