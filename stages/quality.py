@@ -384,8 +384,8 @@ def sample_prompts(policy: Policy, autoencoder: Any, prompts: Sequence[Prompt], 
                    on_batch: Callable[[int, list[np.ndarray]], None] | None = None) -> SampleRun:
     """Windowed clips (windows of data.frames frames) for every prompt. Prompt i's noise comes from
     seed + i whatever the batching, so two runs over variants of the same prompts share their noise.
-    References: the first `reference_seconds` of each prompt's reference record, or by default the training
-    length (data.reference_frames), as `generate` reads a reference, however long the records read were.
+    References: the first `reference_seconds` of each prompt's reference record (`generate` reads 16 s), or
+    by default the training length (data.reference_frames), however long the records read were.
     `on_batch(first_index, videos)` sees each batch as it is done (e.g. to start scoring it)."""
     n_ref = (data.reference_frames if reference_seconds is None
              else reference_frames_for(reference_seconds, data.fps, data.reference_stride))

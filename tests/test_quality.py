@@ -205,7 +205,7 @@ def test_compare_policies_same_noise_nfe_and_self_tie(world, nets):
 
 def test_prompts_sample_with_the_training_length_reference_by_default(world, nets):
     """Records read long (for the reference-length claim) must not lengthen the other conditions' references:
-    by default a prompt is sampled with data.reference_frames frames, as `generate` reads a reference."""
+    by default a prompt is sampled with data.reference_frames frames, the training length."""
     model, ae = nets
     short = replace(world, reference_frames=5)  # 5 frames, 4 apart: 0.8 s; the records were read 2 s long
     speeches, ids = q.read_world(short, "heldout", reference_seconds=2.0)
