@@ -37,7 +37,7 @@ from avatarforge.data.synth.oracle import summarize
 from avatarforge.stages import quality as q
 from avatarforge.stages.avatar import A2VOptions
 from avatarforge.stages.common import typed
-from avatarforge.stages.generate import Generator
+from avatarforge.stages.generate import REFERENCE_SECONDS, Generator
 from avatarforge.stages.prompts import personality_identities
 
 OVERVIEW_KEYS = ("lipsync_corr", "lipsync_conf", "lipsync_abs_offset", "identity_error", "behaviour_error",
@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--sft", default="", help="a personality_sft stage dir to use instead of the run's (claim c)")
     ap.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
                     help="sample with the reference's attention share calibrated to TOKENS reference tokens")
-    ap.add_argument("--reference-seconds", type=float, default=16.0,
+    ap.add_argument("--reference-seconds", type=float, default=REFERENCE_SECONDS,
                     help="reference length for claims a-d (default: generate's; 1.44 = the training length, 9 frames 4 apart)")
     ap.add_argument("--guidance", type=float, nargs=3, default=None, metavar=("TEXT", "AUDIO", "REF"),
                     help="guidance scales (default: the a2v stage's options)")
@@ -128,10 +128,10 @@ def main() -> int:
     steps = args.steps or a2v_opts.sample_steps
     data = a2v.data
     t0 = time.perf_counter()
+    longest = max([*args.lengths, args.reference_seconds])  # every sampled condition names its reference length
     world = q.eval_world(data, args.world or f"{data.root}-quality", heldout_identities=8,
-                         reference_seconds=max([16.0, *args.lengths]))
+                         reference_seconds=max(REFERENCE_SECONDS, longest))
     world_s = time.perf_counter() - t0
-    longest = max([*args.lengths, args.reference_seconds, data.reference_frames * data.reference_stride / data.fps])
     speeches, heldout = q.read_world(world, world.eval_split, reference_seconds=longest)
     chosen = q.spread(speeches, args.prompts)
     prompts = q.make_prompts(chosen, heldout, world, count=args.prompts)
@@ -173,8 +173,7 @@ def main() -> int:
             means = summarize(sc)
             results["runs"][name] = {
                 "prompts": len(ps), "nfe_per_video": sampled.nfe, "seconds_per_video": sampled.seconds_per_video,
-                "reference_frames": q.reference_frames_for(seconds, world.fps, world.reference_stride)
-                if seconds else world.reference_frames,
+                "reference_frames": q.reference_frames_for(seconds, world.fps, world.reference_stride),
                 **{k: means.get(k) for k in OVERVIEW_KEYS}, "scores": sc,
             }
             print(f"[quality] {name}: {len(ps)} videos in {time.perf_counter() - t:.0f} s "
