@@ -68,7 +68,7 @@ def retention(run_dir: Path, count: int, workers: int, only: list[str] | None = 
     students = [n for n in students if not only or n in only]
     teacher = Generator(run_dir / "stages" / sft)
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(16.0, reference_seconds))
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(REFERENCE_SECONDS, reference_seconds))
     lines = [f"Teacher `{sft}` vs each student, {len(prompts)} windowed held-out prompts ({prompts[0].frames} "
              f"frames, {reference_seconds:g} s references) x {seeds} noise seed(s), same noise:", "",
              "| student | NFE / video (teacher / student) | wall s / video | lip-sync corr (teacher / student) "

@@ -74,7 +74,7 @@ def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = N
         raise SystemExit(f"{run_dir}: expected one finished distill stage, found {distill}")
     teacher = Generator(run_dir / "stages" / distill[0])
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(16.0, reference_seconds))
+    world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(REFERENCE_SECONDS, reference_seconds))
     base = q.Policy("distilled", teacher.model, steps=teacher.defaults["steps"])
     lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities, "
              f"{reference_seconds:g} s references):", "",
