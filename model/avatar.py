@@ -92,6 +92,10 @@ class AvatarDiTConfig(DiTConfig):
     # attention over [video; summary; reference] from the first step (in-context conditioning: the t2v
     # self-attention already matches a clean face's tokens to the noisy video's)
     ref_gate_init: float = 0.0
+    # reference matte: the reference's latents outside a head-and-shoulders prior (`person_prior`) are zeroed
+    # before the reference stream and the identity encoder see them, so the reference conveys the person and
+    # not its room: the backdrop must come from the caption (cross-scene generation, README claim d)
+    reference_matte: bool = False
 
     def dit_config(self) -> DiTConfig:
         """The t2v part of this config (what the t2v stage built its DiT from)."""
@@ -118,6 +122,24 @@ class ReferenceCache:
         ids = IdentityTokens(rep(self.identity.static), rep(self.identity.dynamic))
         anchor = None if self.anchor is None else rep(self.anchor)
         return ReferenceCache([kv.repeat(n) for kv in self.layers], rep(self.cond), ids, self.grid, anchor)
+
+
+# A face-centred crop's head and shoulders (centre x, centre y, radius x, radius y; fractions of the frame):
+# the synthetic renderer and ingest's face crops put the head's centre at (0.5, 0.46) with a half-width of
+# 0.22 (hair reaches ~0.3 and the top of the frame), and the shoulders rise from the bottom edge.
+HEAD_ELLIPSE = (0.5, 0.45, 0.28, 0.38)
+BODY_ELLIPSE = (0.5, 1.08, 0.48, 0.32)
+
+
+def person_prior(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """[height, width] float mask, 1 inside the head-and-shoulders prior of a face-centred crop."""
+    y = ((torch.arange(height, device=device) + 0.5) / height)[:, None]
+    x = ((torch.arange(width, device=device) + 0.5) / width)[None, :]
+
+    def inside(cx: float, cy: float, rx: float, ry: float) -> torch.Tensor:
+        return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+
+    return (inside(*HEAD_ELLIPSE) | inside(*BODY_ELLIPSE)).float()
 
 
 def _keep(drop: torch.Tensor | None) -> torch.Tensor | None:
@@ -216,11 +238,19 @@ class AvatarDiT(DiT):
 
     # -- reference ---------------------------------------------------------------------------------
 
+    def matte(self, ref_latents: torch.Tensor) -> torch.Tensor:
+        """The reference latents with everything outside the person prior zeroed (`reference_matte`), else
+        as given."""
+        if not self.cfg.reference_matte:
+            return ref_latents
+        return ref_latents * person_prior(*ref_latents.shape[-2:], device=ref_latents.device).to(ref_latents.dtype)
+
     def encode_reference(self, ref_latents: torch.Tensor, identity: IdentityTokens | None = None) -> ReferenceCache:
         """Reference latents [B, C, Tr, H, W] (scaled like the video latents) -> per-layer K/V.
 
         `identity` overrides the tokens the identity encoder would compute (e.g. `swap_identity(a, b)`)."""
         cfg = self.cfg
+        ref_latents = self.matte(ref_latents)
         grid = self.token_grid(tuple(ref_latents.shape))
         h_ref = self.patch_embed(self.patchify(ref_latents)) + self.ref_segment.to(ref_latents.dtype)
         ids = self.identity(ref_latents) if identity is None else identity
@@ -320,7 +350,7 @@ class AvatarModel(nn.Module):
         return self.dit.encode_reference(ref_latents, identity)
 
     def encode_identity(self, ref_latents: torch.Tensor) -> IdentityTokens:
-        return self.dit.identity(ref_latents)
+        return self.dit.identity(self.dit.matte(ref_latents))
 
     def encode_audio(self, wave: torch.Tensor, n_latent_frames: int) -> AudioWindows:
         """Waveform [B, S] covering the clip -> the audio window of each token-frame of the DiT."""

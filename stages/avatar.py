@@ -353,7 +353,8 @@ class SFTTask(AvatarTask):
             ref = self.autoencoder.encode(batch["reference"])
             clip = self.autoencoder.encode(batch["video"])
             ref_aug = self.autoencoder.encode(color_jitter(batch["reference"]))
-            ident, extra = identity_losses(model.dit.identity, ref, clip, ref_aug)
+            matte = model.dit.matte  # the identity encoder sees what encode_reference gives it
+            ident, extra = identity_losses(model.dit.identity, matte(ref), matte(clip), matte(ref_aug))
             loss = loss + self.options.identity_loss_weight * ident
             metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
         return loss, metrics

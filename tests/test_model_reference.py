@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from avatarforge.model.attention import RoPE3D
 from avatarforge.model.audio import AudioWindows
-from avatarforge.model.avatar import AvatarDiT, AvatarDiTConfig, AvatarModel
+from avatarforge.model.avatar import AvatarDiT, AvatarDiTConfig, AvatarModel, person_prior
 from avatarforge.model.dit import DiT, modulate, timestep_embedding
 from avatarforge.model.reference_attention import (
     ReferenceKV,
@@ -397,3 +397,29 @@ def test_ref_share_tokens_leaves_the_training_length_unchanged():
         base = plain(x, t, text, mask, reference=ref)
     assert torch.allclose(outs[7 * 16], base, atol=1e-6)
     assert not torch.allclose(outs[2 * 16], base, atol=1e-4)  # calibrated to a shorter reference: less of it
+
+
+def test_person_prior_covers_head_and_shoulders_not_the_corners():
+    prior = person_prior(16, 16)
+    assert prior[7, 8] == 1 and prior[15, 8] == 1 and prior[1, 8] == 1  # face, shoulders, top of the hair
+    assert prior[0, 0] == 0 and prior[0, 15] == 0 and prior[9, 0] == 0 and prior[9, 15] == 0  # the room
+    assert 0.4 < float(prior.mean()) < 0.8
+
+
+def test_reference_matte_hides_the_room_not_the_person():
+    """With the matte, a reference whose backdrop (outside the prior) changes gives the same output; a change
+    inside the prior (the person) still changes it. Without the matte both do."""
+    x, t, text, mask, ref = inputs(hw=16)
+    outside = 1 - person_prior(16, 16)
+    room = ref + 3.0 * outside * torch.randn_like(ref)
+    person = ref + 3.0 * (1 - outside) * torch.randn_like(ref)
+    out = {}
+    for matte in (False, True):
+        model = _model(reference_matte=matte)
+        open_gates(model)
+        with torch.no_grad():
+            out[matte] = [model(x, t, text, mask, reference=r) for r in (ref, room, person)]
+            ids = [model.encode_reference(r).identity.static for r in (ref, room)]
+        assert torch.equal(ids[0], ids[1]) == matte
+    assert torch.equal(out[True][0], out[True][1]) and not torch.allclose(out[True][0], out[True][2], atol=1e-4)
+    assert not torch.allclose(out[False][0], out[False][1], atol=1e-4)
