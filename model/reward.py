@@ -60,6 +60,15 @@ class SyncConfig:
 
 
 @dataclass
+class IdentityHeadConfig:
+    enabled: bool = False
+    dim: int = 32  # width of the identity embedding
+    hidden: int = 128
+    pool: int = 4  # latents averaged over time and pooled to pool x pool before the embedding
+    init_scale: float = 10.0  # the learned scale of the cosine (CLIP's inverse temperature) starts here
+
+
+@dataclass
 class RewardModelConfig:
     latent_channels: int = 8
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
@@ -71,6 +80,7 @@ class RewardModelConfig:
     pos_freq_dim: int = 32  # sinusoid size per axis of the (t, h, w) position embedding
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    identity: IdentityHeadConfig = field(default_factory=IdentityHeadConfig)
 
 
 def _positions(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, freq_dim: int) -> torch.Tensor:
@@ -124,6 +134,34 @@ class SyncHead(nn.Module):
         return self.score(*self.features(video, audio))
 
 
+class IdentityHead(nn.Module):
+    """Identity as a learned similarity of the video to the reference, as a face-recognition embedding
+    scores avatar models: both averaged over time, pooled to pool x pool latents, embedded by one shared
+    MLP; the score is the embeddings' cosine times a learned scale. `identity_contrastive_loss` trains it on
+    ground-truth clips: a GRPO policy chasing the sync head's lip sync otherwise drifts from the reference's
+    person on almost every prompt by a little (README, rlhf)."""
+
+    def __init__(self, latent_channels: int, cfg: IdentityHeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # shape [1], not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_scale)))
+        self.embed = nn.Sequential(nn.Linear(latent_channels * cfg.pool**2, cfg.hidden), nn.GELU(),
+                                   nn.Linear(cfg.hidden, cfg.dim))
+
+    def embedding(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> unit embeddings [B, dim]."""
+        pooled = F.adaptive_avg_pool3d(latents, (1, self.cfg.pool, self.cfg.pool)).flatten(1)
+        return F.normalize(self.embed(pooled), dim=-1)
+
+    def similarity(self, video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, d] x [N, d] -> scaled cosines [B, N]."""
+        return self.log_scale.clamp(max=math.log(100.0)).exp() * video @ reference.T
+
+    def forward(self, video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return self.similarity(self.embedding(video), self.embedding(reference)).diagonal()
+
+
 class RewardModel(nn.Module):
     def __init__(self, cfg: RewardModelConfig | None = None):
         super().__init__()
@@ -148,6 +186,7 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(d, 1)
         self.sync = (SyncHead(cfg.latent_channels, cfg.patch_size[0], cfg.audio.dim, cfg.sync)
                      if cfg.sync.enabled else None)
+        self.identity = IdentityHead(cfg.latent_channels, cfg.identity) if cfg.identity.enabled else None
 
     def _audio_width(self) -> int:
         """Features per token-frame window: what AudioEncoder.windows returns for this patch size."""
@@ -219,6 +258,8 @@ class RewardModel(nn.Module):
         score = self.head(self.norm(h[:, 0])).squeeze(-1).float()
         if self.sync is not None and audio is not None:
             score = score + self.sync(video, audio).float()
+        if self.identity is not None and reference is not None:
+            score = score + self.identity(video, reference).float()
         return score
 
 
@@ -257,6 +298,25 @@ def sync_contrastive_loss(model: RewardModel, latents: torch.Tensor, wave: torch
     return loss, {"loss": loss.detach(), "accuracy": pair_accuracy(aligned, off)}
 
 
+def identity_contrastive_loss(model: RewardModel, latents: torch.Tensor, references: torch.Tensor,
+                              identities: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training of the identity head on ground-truth clips: latents [B, C, T, H, W], the reference latents of
+    each clip's identity [B, C, Tr, H, W], identity ids [B] (>= 2 distinct). Each clip must match the
+    references of its own identity above the batch's other identities' (InfoNCE with every same-identity
+    reference a positive). Metrics: loss, accuracy (own reference above every other identity's)."""
+    if model.identity is None:
+        raise ValueError("identity_contrastive_loss needs a reward model with identity.enabled")
+    if identities.unique().numel() < 2:
+        raise ValueError("identity_contrastive_loss needs clips of >= 2 identities in the batch")
+    head = model.identity
+    scores = head.similarity(head.embedding(latents), head.embedding(references)).float()  # [B, B]
+    same = identities[:, None] == identities[None, :]
+    loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~same, float("-inf")), 1)).mean()
+    own = scores.diagonal()
+    other_best = scores.masked_fill(same, float("-inf")).amax(1)
+    return loss, {"loss": loss.detach(), "accuracy": (own > other_best).float().mean().detach()}
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-log sigmoid(r_chosen - r_rejected), averaged over pairs [B]. Metrics (detached): loss, accuracy
@@ -275,5 +335,5 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
-__all__ = ["SYNC_SCORES", "RewardModelConfig", "SyncConfig", "SyncHead", "RewardModel", "bradley_terry_loss", "pair_accuracy",
-           "sync_contrastive_loss"]
+__all__ = ["SYNC_SCORES", "IdentityHead", "IdentityHeadConfig", "RewardModelConfig", "SyncConfig", "SyncHead",
+           "RewardModel", "bradley_terry_loss", "identity_contrastive_loss", "pair_accuracy", "sync_contrastive_loss"]

@@ -5,7 +5,9 @@ it was taught, noise included) and against the noiseless oracle ordering (what w
 With `sync_pretrain_steps` > 0 (and `model.sync.enabled`) the first steps train the model's sync head and
 audio encoder contrastively on ground-truth training clips (model.reward.sync_contrastive_loss), encoded by
 the autoencoder parent, before the Bradley-Terry steps: lip-sync perception learned from the data, which a
-few hundred preference pairs do not teach (benchmarks/reward_learnability.py).
+few hundred preference pairs do not teach (benchmarks/reward_learnability.py). With `model.identity.enabled`
+the same batches also train the identity head (model.reward.identity_contrastive_loss: each clip against
+its own identity's reference and the batch's other identities').
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from avatarforge.model.reward import (
     RewardModel,
     RewardModelConfig,
     bradley_terry_loss,
+    identity_contrastive_loss,
     sync_contrastive_loss,
 )
 from avatarforge.stages.common import (
@@ -61,6 +64,9 @@ class RewardOptions:
             errors.append(f"model.sync.score: must be one of {SYNC_SCORES}, got {self.model.sync.score!r}")
         if self.sync_pretrain_steps and not self.model.sync.enabled:
             errors.append("sync_pretrain_steps: needs model.sync.enabled (the head it trains)")
+        if self.model.identity.enabled and not self.sync_pretrain_steps:
+            errors.append("model.identity.enabled: needs sync_pretrain_steps > 0 (the ground-truth batches that "
+                          "train the identity head)")
         return errors
 
 
@@ -155,19 +161,29 @@ class RewardTask:
 
         self.data = typed(DataConfig, config["data"])
         self.autoencoder_weights = parent_of_kind(args, "autoencoder") if self.options.sync_pretrain_steps else ""
-        self._truth: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._truth: dict[str, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
         return RewardModel(self.options.model)
 
-    def ground_truth(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `sync_clips` whole training clips, encoded (encode_clips; read once, on CPU)."""
+    def ground_truth(self) -> dict[str, torch.Tensor]:
+        """The first `sync_clips` whole training clips, encoded (encode_clips; read once, on CPU): latents,
+        wave, and for the identity head each clip's identity reference latents and identity id."""
         if self._truth is None:
-            speeches, _ = read_world(self.data, self.data.train_split)
+            speeches, records = read_world(self.data, self.data.train_split)
+            speeches = speeches[: self.options.sync_clips]
             if len(speeches) < 2:
                 raise ValueError(f"sync pretraining needs >= 2 training clips, found {len(speeches)}")
             autoencoder = FrozenAutoencoder(self.args["config"]["model"]["autoencoder"], self.autoencoder_weights)
-            self._truth = encode_clips(autoencoder, speeches[: self.options.sync_clips], self.data)
+            latents, wave = encode_clips(autoencoder, speeches, self.data)
+            self._truth = {"latents": latents, "wave": wave}
+            if self.options.model.identity.enabled:
+                names = sorted({sp.identity for sp in speeches})
+                if len(names) < 2:
+                    raise ValueError("the identity head needs training clips of >= 2 identities")
+                refs = {n: autoencoder.encode(records[n].reference[None]) for n in names}
+                self._truth["references"] = torch.cat([refs[sp.identity] for sp in speeches])
+                self._truth["identities"] = torch.tensor([names.index(sp.identity) for sp in speeches])
         return self._truth
 
     def init_from_parents(self, model: nn.Module) -> None:
@@ -183,11 +199,11 @@ class RewardTask:
         follows from its position (and rank), so a resumed run continues where it stopped."""
         o = self.options
         for index in range(start_batch, o.sync_pretrain_steps):
-            latents, wave = self.ground_truth()
+            truth = self.ground_truth()
             g = torch.Generator().manual_seed(self.seed * 7919 + index * world_size + rank)
-            pick = torch.randperm(len(wave), generator=g)[: o.sync_batch_size]
-            yield {"sync_latents": latents[pick], "sync_wave": wave[pick],
-                   "sync_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=g))}
+            pick = torch.randperm(len(truth["wave"]), generator=g)[: o.sync_batch_size]
+            yield {f"sync_{k}": v[pick] for k, v in truth.items()} | {
+                "sync_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=g))}
         for index in epoch_batches(len(self.train), self.batch_size, seed=self.seed, rank=rank,
                                    world_size=world_size, start_batch=max(0, start_batch - o.sync_pretrain_steps)):
             yield self.train.batch(index)
@@ -205,7 +221,13 @@ class RewardTask:
             loss, metrics = sync_contrastive_loss(model, batch["sync_latents"], batch["sync_wave"],
                                                   crop=self.options.sync_crop,
                                                   generator=torch.Generator().manual_seed(batch["sync_seed"]))
-            return loss, {f"train/sync_{k}": float(v) for k, v in metrics.items() if k != "loss"}
+            out = {f"train/sync_{k}": float(v) for k, v in metrics.items() if k != "loss"}
+            if "sync_identities" in batch and batch["sync_identities"].unique().numel() > 1:
+                ident, id_metrics = identity_contrastive_loss(model, batch["sync_latents"], batch["sync_references"],
+                                                              batch["sync_identities"])
+                loss = loss + ident
+                out.update({f"train/identity_{k}": float(v) for k, v in id_metrics.items()})
+            return loss, out
         r_chosen, r_rejected = self.scores(model, batch)
         loss, metrics = bradley_terry_loss(r_chosen, r_rejected)
         return loss, {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}

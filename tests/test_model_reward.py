@@ -11,10 +11,12 @@ import torch
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
 from avatarforge.model.reward import (
+    IdentityHeadConfig,
     RewardModel,
     RewardModelConfig,
     SyncConfig,
     bradley_terry_loss,
+    identity_contrastive_loss,
     pair_accuracy,
     sync_contrastive_loss,
 )
@@ -225,3 +227,50 @@ def test_sync_contrastive_training_learns_which_audio_fits(score):
         sync_contrastive_loss(model, latents[:, :, :7], wave, crop=6)
     with pytest.raises(ValueError, match="sync.enabled"):
         sync_contrastive_loss(RewardModel(small_config()), latents, wave, crop=6)
+
+
+def identity_model() -> RewardModel:
+    torch.manual_seed(0)
+    return RewardModel(small_config(identity=IdentityHeadConfig(enabled=True, dim=8, hidden=16, pool=2)))
+
+
+def test_identity_head_is_a_scaled_cosine_added_to_the_score():
+    model = identity_model().eval()
+    video, wave, ref = inputs(2)
+    with torch.no_grad():
+        term = model.identity(video, ref)
+        e_v, e_r = model.identity.embedding(video), model.identity.embedding(ref)
+        assert torch.allclose(e_v.norm(dim=-1), torch.ones(2), atol=1e-5)
+        assert torch.allclose(term, 10.0 * (e_v * e_r).sum(-1), atol=1e-5)  # init_scale 10
+        assert torch.allclose(model.identity(ref[:, :, :1].expand(-1, -1, 3, -1, -1), ref[:, :, :1]),
+                              torch.full((2,), 10.0), atol=1e-4)  # a still copy of the reference: cosine 1
+        plain = RewardModel(small_config())
+        plain.load_state_dict({k: w for k, w in model.state_dict().items() if not k.startswith("identity.")})
+        assert torch.allclose(model(video, wave, ref), plain.eval()(video, wave, ref) + term, atol=1e-5)
+        assert torch.allclose(model(video, wave, None), plain(video, wave, None))  # no reference: no term
+
+
+def test_identity_contrastive_training_learns_whose_reference_fits():
+    """Clips of 4 identities (each a fixed appearance plus per-clip noise), references of the same
+    identities in other noise: the head learns to match a clip to its own identity's reference."""
+    model = identity_model()
+    g = torch.Generator().manual_seed(1)
+    looks = torch.randn(4, C, 1, 8, 8, generator=g)
+    ids = torch.arange(16) % 4
+    clips = looks[ids].expand(-1, -1, 3, -1, -1) + 1.5 * torch.randn(16, C, 3, 8, 8, generator=g)
+    refs = looks[ids].expand(-1, -1, 2, -1, -1) + 1.5 * torch.randn(16, C, 2, 8, 8, generator=g)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    accuracies = []
+    for _ in range(60):
+        loss, m = identity_contrastive_loss(model, clips, refs, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accuracies.append(float(m["accuracy"]))
+    assert sum(accuracies[-10:]) / 10 > 0.9 and accuracies[0] < 0.8
+    assert {k.split(".")[0] for k, p in model.named_parameters() if not torch.equal(p, before[k])} == {"identity"}
+    with pytest.raises(ValueError, match=">= 2 identities"):
+        identity_contrastive_loss(model, clips, refs, torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="identity.enabled"):
+        identity_contrastive_loss(RewardModel(small_config()), clips, refs, ids)

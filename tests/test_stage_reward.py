@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avatarforge.model.audio import AudioEncoderConfig
-from avatarforge.model.reward import RewardModel, RewardModelConfig, SyncConfig
+from avatarforge.model.reward import IdentityHeadConfig, RewardModel, RewardModelConfig, SyncConfig
 from avatarforge.stages.reward import PairSet, RewardOptions, RewardTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,12 +17,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 C, SAMPLES = 8, 7680  # 12 frames at 25 fps, 16 kHz
 
 
-def task(sync_steps: int = 3) -> RewardTask:
+def task(sync_steps: int = 3, identity: bool = False) -> RewardTask:
     g = torch.Generator().manual_seed(0)
     t = RewardTask.__new__(RewardTask)
     model = RewardModelConfig(latent_channels=C, dim=32, depth=1, heads=4, n_ref_summary=2, patch_size=[1, 2, 2],
                               audio=AudioEncoderConfig(dim=32, layers=1, heads=2),
-                              sync=SyncConfig(enabled=True, dim=8, hidden=16))
+                              sync=SyncConfig(enabled=True, dim=8, hidden=16),
+                              identity=IdentityHeadConfig(enabled=identity, dim=8, hidden=16, pool=2))
     t.options = RewardOptions(model=model, sync_pretrain_steps=sync_steps, sync_batch_size=3, sync_crop=4)
     t.seed, t.batch_size = 0, 2
     t.train = PairSet(latents=torch.randn(8, C, 12, 4, 4, generator=g), reference=torch.randn(2, C, 2, 4, 4, generator=g),
@@ -30,7 +31,9 @@ def task(sync_steps: int = 3) -> RewardTask:
                       text_mask=torch.ones(2, 4, dtype=torch.bool), chosen=torch.tensor([0, 2, 4, 6]),
                       rejected=torch.tensor([1, 3, 5, 7]), group=torch.tensor([0, 0, 1, 1]),
                       oracle_agrees=torch.ones(4, dtype=torch.bool), oracle_known=torch.ones(4, dtype=torch.bool))
-    t._truth = torch.randn(5, C, 12, 4, 4, generator=g), torch.randn(5, SAMPLES, generator=g) * 0.1
+    t._truth = {"latents": torch.randn(5, C, 12, 4, 4, generator=g), "wave": torch.randn(5, SAMPLES, generator=g) * 0.1}
+    if identity:
+        t._truth |= {"references": torch.randn(5, C, 2, 4, 4, generator=g), "identities": torch.tensor([0, 1, 0, 1, 2])}
     return t
 
 
@@ -65,10 +68,28 @@ def test_loss_on_both_kinds_of_batch():
     assert {"train/accuracy", "train/margin"} <= set(metrics) and torch.isfinite(loss)
 
 
+def test_identity_head_trains_on_the_sync_batches():
+    t = task(identity=True)
+    torch.manual_seed(0)
+    model = RewardModel(t.options.model)
+    batch = next(t.train_batches(rank=0, world_size=1, start_batch=0))
+    assert batch["sync_references"].shape == (3, C, 2, 4, 4) and batch["sync_identities"].shape == (3,)
+    picked = [int(i) for i in batch["sync_identities"]]
+    assert all(torch.equal(batch["sync_references"][k], t._truth["references"][i])
+               for k, i in enumerate(torch.randperm(5, generator=torch.Generator().manual_seed(0))[:3]))
+    assert len(set(picked)) > 1  # the first batch holds several identities (seed 0)
+    loss, metrics = t.loss(model, batch)
+    assert {"train/sync_accuracy", "train/identity_accuracy"} <= set(metrics)
+    sync_only, _ = task().loss(model, {k: v for k, v in batch.items() if k not in ("sync_references", "sync_identities")})
+    assert torch.isfinite(loss) and not torch.equal(loss, sync_only)
+
+
 def test_options_validate_the_sync_settings():
     assert RewardOptions().validate() == []
     assert "needs model.sync.enabled" in RewardOptions(sync_pretrain_steps=5).validate()[0]
     assert RewardOptions(sync_crop=1).validate()
+    identity = RewardModelConfig(identity=IdentityHeadConfig(enabled=True))
+    assert "needs sync_pretrain_steps" in RewardOptions(model=identity).validate()[0]
 
 
 def test_encode_clips_cuts_to_the_shortest_encodable_length(tmp_path):
