@@ -299,11 +299,15 @@ def sync_contrastive_loss(model: RewardModel, latents: torch.Tensor, wave: torch
 
 
 def identity_contrastive_loss(model: RewardModel, latents: torch.Tensor, references: torch.Tensor,
-                              identities: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                              identities: torch.Tensor, altered: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training of the identity head on ground-truth clips: latents [B, C, T, H, W], the reference latents of
     each clip's identity [B, C, Tr, H, W], identity ids [B] (>= 2 distinct). Each clip must match the
     references of its own identity above the batch's other identities' (InfoNCE with every same-identity
-    reference a positive). Metrics: loss, accuracy (own reference above every other identity's)."""
+    reference a positive). `altered` [B, C, T, H, W]: the same clips with the person changed a little (hard
+    negatives: other identities differ too much to teach a drift's size); each must score below its clip
+    against the clip's reference (Bradley-Terry). Metrics: loss, accuracy (own reference above every other
+    identity's), altered_accuracy."""
     if model.identity is None:
         raise ValueError("identity_contrastive_loss needs a reward model with identity.enabled")
     if identities.unique().numel() < 2:
@@ -314,7 +318,13 @@ def identity_contrastive_loss(model: RewardModel, latents: torch.Tensor, referen
     loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~same, float("-inf")), 1)).mean()
     own = scores.diagonal()
     other_best = scores.masked_fill(same, float("-inf")).amax(1)
-    return loss, {"loss": loss.detach(), "accuracy": (own > other_best).float().mean().detach()}
+    metrics = {"accuracy": (own > other_best).float().mean().detach()}
+    if altered is not None:
+        own_altered = head(altered, references).float()
+        hard, _ = bradley_terry_loss(own, own_altered)
+        loss = loss + hard
+        metrics["altered_accuracy"] = pair_accuracy(own, own_altered)
+    return loss, {"loss": loss.detach(), **metrics}
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor

@@ -23,6 +23,8 @@ from torch import nn
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_list
+from avatarforge.model.avatar import person_prior
+from avatarforge.model.identity import color_jitter
 from avatarforge.model.reward import (
     SYNC_SCORES,
     RewardModel,
@@ -55,6 +57,8 @@ class RewardOptions:
     sync_clips: int = 64  # training clips read (whole clips)
     sync_batch_size: int = 16
     sync_crop: int = 8  # token-frames per contrastive window
+    # model.identity: each ground-truth clip with its person recoloured (person_recoloured) is a hard negative
+    identity_recoloured: bool = True
 
     def validate(self) -> list[str]:
         errors = []
@@ -133,6 +137,13 @@ def encode_clips(autoencoder: FrozenAutoencoder, speeches: Sequence[Speech], dat
     return latents, torch.stack([audio_for_frames(sp.wave, frames, data) for sp in speeches])
 
 
+def person_recoloured(video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Video [B, 3, T, H, W] in [-1, 1] with brightness, contrast and saturation jittered inside the
+    head-and-shoulders prior (model.avatar.person_prior) only: the same room, a slightly different person."""
+    mask = person_prior(*video.shape[-2:], device=video.device).to(video.dtype)
+    return video * (1 - mask) + color_jitter(video, generator) * mask
+
+
 def preference_groups(args: dict[str, Any]) -> list[PromptGroupRecord]:
     """The groups of the (single) preference_collect parent."""
     config, stage = args["config"], args["stage"]
@@ -184,6 +195,11 @@ class RewardTask:
                 refs = {n: autoencoder.encode(records[n].reference[None]) for n in names}
                 self._truth["references"] = torch.cat([refs[sp.identity] for sp in speeches])
                 self._truth["identities"] = torch.tensor([names.index(sp.identity) for sp in speeches])
+                if self.options.identity_recoloured:
+                    g = torch.Generator().manual_seed(self.seed)
+                    frames = autoencoder.encodable_frames(min(sp.frames for sp in speeches))  # as encode_clips
+                    self._truth["recoloured"] = torch.cat([
+                        autoencoder.encode(person_recoloured(to_float(sp.video[:frames])[None], g)) for sp in speeches])
         return self._truth
 
     def init_from_parents(self, model: nn.Module) -> None:
@@ -224,7 +240,7 @@ class RewardTask:
             out = {f"train/sync_{k}": float(v) for k, v in metrics.items() if k != "loss"}
             if "sync_identities" in batch and batch["sync_identities"].unique().numel() > 1:
                 ident, id_metrics = identity_contrastive_loss(model, batch["sync_latents"], batch["sync_references"],
-                                                              batch["sync_identities"])
+                                                              batch["sync_identities"], batch.get("sync_recoloured"))
                 loss = loss + ident
                 out.update({f"train/identity_{k}": float(v) for k, v in id_metrics.items()})
             return loss, out

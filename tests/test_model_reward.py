@@ -269,6 +269,16 @@ def test_identity_contrastive_training_learns_whose_reference_fits():
         opt.step()
         accuracies.append(float(m["accuracy"]))
     assert sum(accuracies[-10:]) / 10 > 0.9 and accuracies[0] < 0.8
+    # hard negatives: the same clips a little changed must score below them against their own reference
+    altered = clips + 0.3 * looks[(ids + 1) % 4].expand(-1, -1, 3, -1, -1)
+    _, m = identity_contrastive_loss(model, clips, refs, ids, altered)
+    start = float(m["altered_accuracy"])
+    for _ in range(60):
+        loss, m = identity_contrastive_loss(model, clips, refs, ids, altered)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(m["altered_accuracy"]) > max(0.9, start) and float(m["accuracy"]) > 0.9
     assert {k.split(".")[0] for k, p in model.named_parameters() if not torch.equal(p, before[k])} == {"identity"}
     with pytest.raises(ValueError, match=">= 2 identities"):
         identity_contrastive_loss(model, clips, refs, torch.zeros(16, dtype=torch.long))

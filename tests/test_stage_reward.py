@@ -33,7 +33,8 @@ def task(sync_steps: int = 3, identity: bool = False) -> RewardTask:
                       oracle_agrees=torch.ones(4, dtype=torch.bool), oracle_known=torch.ones(4, dtype=torch.bool))
     t._truth = {"latents": torch.randn(5, C, 12, 4, 4, generator=g), "wave": torch.randn(5, SAMPLES, generator=g) * 0.1}
     if identity:
-        t._truth |= {"references": torch.randn(5, C, 2, 4, 4, generator=g), "identities": torch.tensor([0, 1, 0, 1, 2])}
+        t._truth |= {"references": torch.randn(5, C, 2, 4, 4, generator=g), "identities": torch.tensor([0, 1, 0, 1, 2]),
+                     "recoloured": torch.randn(5, C, 12, 4, 4, generator=g)}
     return t
 
 
@@ -79,8 +80,9 @@ def test_identity_head_trains_on_the_sync_batches():
                for k, i in enumerate(torch.randperm(5, generator=torch.Generator().manual_seed(0))[:3]))
     assert len(set(picked)) > 1  # the first batch holds several identities (seed 0)
     loss, metrics = t.loss(model, batch)
-    assert {"train/sync_accuracy", "train/identity_accuracy"} <= set(metrics)
-    sync_only, _ = task().loss(model, {k: v for k, v in batch.items() if k not in ("sync_references", "sync_identities")})
+    assert {"train/sync_accuracy", "train/identity_accuracy", "train/identity_altered_accuracy"} <= set(metrics)
+    sync_only, _ = task().loss(model, {k: v for k, v in batch.items()
+                                       if k not in ("sync_references", "sync_identities", "sync_recoloured")})
     assert torch.isfinite(loss) and not torch.equal(loss, sync_only)
 
 
@@ -113,3 +115,15 @@ def test_encode_clips_cuts_to_the_shortest_encodable_length(tmp_path):
     latents, wave = encode_clips(ae, speeches, data)
     assert latents.shape[:3] == (2, 4, 3) and wave.shape == (2, 9 * 640)  # 9 frames: 1 + 2 * 4 of the 12
     assert wave[0, -1] == 0 and wave[1, -1] == 1  # the short clip's missing audio is padded with silence
+
+
+def test_person_recoloured_changes_the_person_not_the_room():
+    from avatarforge.model.avatar import person_prior
+    from avatarforge.stages.reward import person_recoloured
+
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    out = person_recoloured(video, torch.Generator().manual_seed(0))
+    room = person_prior(16, 16) == 0
+    assert torch.equal(out[..., room], video[..., room])
+    assert not torch.allclose(out[..., ~room], video[..., ~room], atol=1e-3)
+    assert out.min() >= -1 and out.max() <= 1
