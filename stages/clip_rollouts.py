@@ -85,24 +85,26 @@ def whole_clip_latents(autoencoder: FrozenAutoencoder, video: torch.Tensor, wave
     return autoencoder.encode(video[:, :, :frames]), audio_for_frames(wave, frames, data)
 
 
-def clip_prompts(data: DataConfig, identities: list[str], *, split: str, count: int) -> list[Prompt]:
+def clip_prompts(data: DataConfig, identities: list[str], *, split: str, count: int,
+                 reference_seconds: float | None = None) -> list[Prompt]:
     """Up to `count` whole clips of `split` given to `identities` in turn (a caption for the target in the
     clip's scene; stages.quality's prompts, which the oracle scores against). Clips of another length than
-    the first are left out: a batch shares one length."""
+    the first are left out: a batch shares one length. References: `reference_seconds` of the identity's
+    record (default the training length)."""
     speeches, _ = read_world(data, split)  # all of them: `spread` takes their speakers in turn
     speeches = [s for s in spread(speeches, len(speeches)) if s.frames == speeches[0].frames]
-    records = read_identities(data, data.train_split, identities)
+    records = read_identities(data, data.train_split, identities, reference_seconds=reference_seconds)
     return make_prompts(speeches, records, data, count=min(count, len(speeches)), targets=identities)
 
 
 def prompt_rows(prompts: list[Prompt], data: DataConfig) -> list[dict[str, Any]]:
     """One model-input row per prompt (tensors [1, ...]): audio (the whole clip), text, text_mask,
-    reference (data.reference_frames frames), prompt_id."""
+    reference (every frame of the prompt's reference that was read), prompt_id."""
     rows = []
     for p in prompts:
         ids, mask = encode_text(p.caption, data.text_max_len)
         rows.append({"audio": p.wave[None], "text": ids[None], "text_mask": mask[None],
-                     "reference": p.reference_frames(data.reference_frames)[None],
+                     "reference": p.reference[None],
                      "prompt_id": [f"{p.identity}|{p.key}"]})
     return rows
 

@@ -76,6 +76,9 @@ class RLHFOptions:
     # train_timesteps > 0 that many (window, step) transitions per update
     rollout: str = "window"
     train_prompts: int = 32  # train-split speech prompts of the fine-tuned identities
+    # rollout "clip": seconds of each identity's reference record the rollouts and evals condition on
+    # (`generate` reads up to 16 s; training records hold data.synth.reference_seconds); 0 = the training length
+    rollout_reference_seconds: float = 0.0
     # dpo
     dpo_beta: float = 200.0
     # evaluation on held-out speech: policy vs distilled policy from the same noise
@@ -98,6 +101,8 @@ class RLHFOptions:
             errors.append("kl_coef: must be >= 0")
         if self.inner_updates < 1:
             errors.append("inner_updates: must be >= 1")
+        if self.rollout_reference_seconds < 0 or (self.rollout_reference_seconds and self.rollout != "clip"):
+            errors.append("rollout_reference_seconds: must be >= 0, and is for rollout 'clip'")
         if self.train_timesteps < 0:
             errors.append("train_timesteps: must be >= 0")
         if self.log_prob_reduce not in ("sum", "mean"):
@@ -149,10 +154,16 @@ class RLHFTask:
 
     # -- data ---------------------------------------------------------------------------------------
 
+    def rollout_reference_seconds(self) -> float | None:
+        """None (the training length) unless options.rollout_reference_seconds asks for more."""
+        return self.options.rollout_reference_seconds or None
+
     def train_prompts(self) -> list[dict[str, Any]]:
         if self._train_prompts is None and self.options.rollout == "clip":
             self._train_prompts = prompt_rows(clip_prompts(self.data, self.identities, split=self.data.train_split,
-                                                           count=self.options.train_prompts), self.data)
+                                                           count=self.options.train_prompts,
+                                                           reference_seconds=self.rollout_reference_seconds()),
+                                              self.data)
         if self._train_prompts is None:
             self._train_prompts = speech_prompts(self.data, self.identities, split=self.data.train_split,
                                                  count=self.options.train_prompts, batch_size=1)
@@ -339,7 +350,7 @@ class RLHFTask:
     def eval_prompts(self) -> list[dict[str, Any]]:
         if self._eval_prompts is None and self.options.rollout == "clip":  # whole clips, batches of 8
             prompts = clip_prompts(self.data, self.identities, split=self.data.eval_split,
-                                   count=self.options.eval_prompts)
+                                   count=self.options.eval_prompts, reference_seconds=self.rollout_reference_seconds())
             self._eval_prompts = [{**merge_rows(prompt_rows(prompts[i:i + 8], self.data)), "prompts": prompts[i:i + 8]}
                                   for i in range(0, len(prompts), 8)]
         if self._eval_prompts is None:

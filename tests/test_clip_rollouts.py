@@ -88,3 +88,16 @@ def test_window_wave_is_each_windows_audio_padded_past_the_end():
     last = window_wave(wave, 2, 9, FPS, SR)
     assert last.shape == (1, 9 * 640) and torch.equal(last[:, : 4 * 640], wave[:, 16 * 640:])
     assert not last[:, 4 * 640:].any()
+
+
+def test_clip_prompts_take_the_asked_reference_length(world):
+    from avatarforge.stages.quality import reference_frames_for
+
+    identities = list(read_index(world.root, world.train_split)["identities"][:1])
+    default = prompt_rows(clip_prompts(world, identities, split=world.train_split, count=1), world)[0]
+    seconds = world.synth.reference_seconds
+    longer = prompt_rows(clip_prompts(world, identities, split=world.train_split, count=1,
+                                      reference_seconds=seconds), world)[0]
+    n = reference_frames_for(seconds, world.fps, world.reference_stride)
+    assert default["reference"].shape[2] == world.reference_frames < n == longer["reference"].shape[2]
+    assert torch.equal(longer["reference"][:, :, :world.reference_frames], default["reference"])

@@ -65,3 +65,9 @@ def test_round_trip_reward_scores_the_decoded_video_and_passes_gradient(tmp_path
 def test_options_refuse_unknown_reward_terms():
     assert "reward_terms" in RLHFOptions(reward_terms="lips").validate()[0]
     assert RLHFOptions(reward_terms="sync", reward_round_trip=True).validate() == []
+
+
+def test_options_check_the_rollout_reference_length():
+    assert RLHFOptions(rollout="clip", rollout_reference_seconds=4.0).validate() == []
+    assert "rollout_reference_seconds" in RLHFOptions(rollout="window", rollout_reference_seconds=4.0).validate()[0]
+    assert "rollout_reference_seconds" in RLHFOptions(rollout="clip", rollout_reference_seconds=-1).validate()[0]
