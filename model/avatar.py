@@ -22,6 +22,10 @@ reference tokens attend within their temporal chunk + the summary tokens, the su
 queries + identity tokens) attend to everything in the reference. It never sees the noisy video, so its
 per-layer K/V (`ReferenceCache`) serve every sampling step and every guidance pass.
 
+With `reference_matte` the reference's latents outside a head-and-shoulders prior (`person_prior`) are
+zeroed before the reference stream and the identity encoder, so the reference conveys the person and the
+caption the room.
+
 Zero-init: the per-head reference gate, the audio attention output, the identity adaLN linear and the
 anchor embedding start at zero, so a model loaded from t2v weights (`load_t2v_state_dict`) computes exactly what the t2v DiT does,
 whatever reference and audio it is given. Dropping a condition (`drop`) is exactly leaving it out.

@@ -23,7 +23,9 @@ per token-frame features of the mouth region and of the audio window, each centr
 averaged (a learned correlation of mouth motion with speech). `sync_contrastive_loss` trains it on
 ground-truth clips (aligned audio preferred over shifted or another clip's), as SyncNet is trained: the
 transformer alone, fitted to a few hundred preference pairs, does not learn lip sync
-(benchmarks/reward_learnability.py). The audio encoder has AvatarModel's structure and key names
+(benchmarks/reward_learnability.py). With `identity.enabled` an identity head adds a learned
+similarity of the video to the reference (`IdentityHead`, trained by `identity_contrastive_loss` on
+ground-truth clips). The audio encoder has AvatarModel's structure and key names
 (`audio_encoder.*`): `load_audio_encoder` starts it from a trained avatar model's weights.
 """
 
