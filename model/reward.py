@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .attention import Attention
 from .audio import AudioEncoder, AudioEncoderConfig, AudioWindows
+from .avatar import person_prior
 from .dit import timestep_embedding
 from .text_encoder import TransformerBlock
 
@@ -68,6 +69,12 @@ class IdentityHeadConfig:
     hidden: int = 128
     pool: int = 4  # latents averaged over time and pooled to pool x pool before the embedding
     init_scale: float = 10.0  # the learned scale of the cosine (CLIP's inverse temperature) starts here
+    # "frame": the whole latent frame; "person": latents outside the head-and-shoulders prior of face-centred
+    # crops (model.avatar.person_prior) zeroed first, so the room does not enter the embedding
+    region: str = "frame"
+
+
+IDENTITY_REGIONS = ("frame", "person")
 
 
 @dataclass
@@ -145,6 +152,8 @@ class IdentityHead(nn.Module):
 
     def __init__(self, latent_channels: int, cfg: IdentityHeadConfig) -> None:
         super().__init__()
+        if cfg.region not in IDENTITY_REGIONS:
+            raise ValueError(f"identity.region must be one of {IDENTITY_REGIONS}, got {cfg.region!r}")
         self.cfg = cfg
         # shape [1], not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
         self.log_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_scale)))
@@ -153,6 +162,8 @@ class IdentityHead(nn.Module):
 
     def embedding(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, T, H, W] -> unit embeddings [B, dim]."""
+        if self.cfg.region == "person":
+            latents = latents * person_prior(*latents.shape[-2:], device=latents.device).to(latents.dtype)
         pooled = F.adaptive_avg_pool3d(latents, (1, self.cfg.pool, self.cfg.pool)).flatten(1)
         return F.normalize(self.embed(pooled), dim=-1)
 
@@ -347,5 +358,5 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
-__all__ = ["SYNC_SCORES", "IdentityHead", "IdentityHeadConfig", "RewardModelConfig", "SyncConfig", "SyncHead",
+__all__ = ["IDENTITY_REGIONS", "SYNC_SCORES", "IdentityHead", "IdentityHeadConfig", "RewardModelConfig", "SyncConfig", "SyncHead",
            "RewardModel", "bradley_terry_loss", "identity_contrastive_loss", "pair_accuracy", "sync_contrastive_loss"]

@@ -26,6 +26,7 @@ from avatarforge.data.pair_shards import PromptGroupRecord, read_groups, shard_l
 from avatarforge.model.avatar import person_prior
 from avatarforge.model.identity import color_jitter
 from avatarforge.model.reward import (
+    IDENTITY_REGIONS,
     SYNC_SCORES,
     RewardModel,
     RewardModelConfig,
@@ -68,6 +69,8 @@ class RewardOptions:
             errors.append(f"model.sync.score: must be one of {SYNC_SCORES}, got {self.model.sync.score!r}")
         if self.sync_pretrain_steps and not self.model.sync.enabled:
             errors.append("sync_pretrain_steps: needs model.sync.enabled (the head it trains)")
+        if self.model.identity.region not in IDENTITY_REGIONS:
+            errors.append(f"model.identity.region: must be one of {IDENTITY_REGIONS}, got {self.model.identity.region!r}")
         if self.model.identity.enabled and not self.sync_pretrain_steps:
             errors.append("model.identity.enabled: needs sync_pretrain_steps > 0 (the ground-truth batches that "
                           "train the identity head)")

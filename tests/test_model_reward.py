@@ -284,3 +284,20 @@ def test_identity_contrastive_training_learns_whose_reference_fits():
         identity_contrastive_loss(model, clips, refs, torch.zeros(16, dtype=torch.long))
     with pytest.raises(ValueError, match="identity.enabled"):
         identity_contrastive_loss(RewardModel(small_config()), clips, refs, ids)
+
+
+def test_identity_head_on_the_person_region_ignores_the_room():
+    from avatarforge.model.avatar import person_prior
+
+    torch.manual_seed(0)
+    cfg = dict(enabled=True, dim=8, hidden=16, pool=2)
+    person = RewardModel(small_config(identity=IdentityHeadConfig(region="person", **cfg))).identity
+    frame = RewardModel(small_config(identity=IdentityHeadConfig(region="frame", **cfg))).identity
+    frame.load_state_dict(person.state_dict())
+    video = torch.randn(2, C, 3, 8, 8)
+    room = video + 2.0 * (1 - person_prior(8, 8)) * torch.randn_like(video)
+    with torch.no_grad():
+        assert torch.allclose(person.embedding(room), person.embedding(video), atol=1e-6)
+        assert not torch.allclose(frame.embedding(room), frame.embedding(video), atol=1e-3)
+    with pytest.raises(ValueError, match="identity.region"):
+        RewardModel(small_config(identity=IdentityHeadConfig(region="face", **cfg)))

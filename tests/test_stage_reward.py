@@ -92,6 +92,8 @@ def test_options_validate_the_sync_settings():
     assert RewardOptions(sync_crop=1).validate()
     identity = RewardModelConfig(identity=IdentityHeadConfig(enabled=True))
     assert "needs sync_pretrain_steps" in RewardOptions(model=identity).validate()[0]
+    face = RewardModelConfig(identity=IdentityHeadConfig(region="face"))
+    assert "identity.region" in RewardOptions(model=face).validate()[0]
 
 
 def test_encode_clips_cuts_to_the_shortest_encodable_length(tmp_path):
