@@ -152,17 +152,17 @@ def main() -> int:
     with q.Scorer(world, args.workers) as scorer:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
         want = set(args.claims)
-        main = args.reference_seconds
+        seconds_ad = args.reference_seconds  # claims a-d
         jobs = [
             # also scored against the next prompt's speech; every claim but (c) compares against it
-            *([("right audio", policy_a2v, prompts, main)] if want - {"c"} else []),
-            *([("other audio", policy_a2v, q.with_other_audio(prompts), main)] if "a" in want else []),
-            *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), main)]
+            *([("right audio", policy_a2v, prompts, seconds_ad)] if want - {"c"} else []),
+            *([("other audio", policy_a2v, q.with_other_audio(prompts), seconds_ad)] if "a" in want else []),
+            *([("other identity's reference", policy_a2v, q.with_other_reference(sub, heldout), seconds_ad)]
               if "b" in want else []),
             *([("caption: reference's scene", policy_a2v,
-                q.with_caption_scene(sub, [p.reference_scene for p in sub], world), main)] if "d" in want else []),
-            *([("sft identities, a2v", policy_a2v, sft_prompts, main), ("sft identities, sft", policy_sft,
-                                                                         sft_prompts, main)] if "c" in want else []),
+                q.with_caption_scene(sub, [p.reference_scene for p in sub], world), seconds_ad)] if "d" in want else []),
+            *([("sft identities, a2v", policy_a2v, sft_prompts, seconds_ad), ("sft identities, sft", policy_sft,
+                                                                         sft_prompts, seconds_ad)] if "c" in want else []),
             *([(f"reference {s:g} s", policy_a2v, sub, s) for s in args.lengths] if "e" in want else []),
         ]
         for name, policy, ps, seconds in jobs:

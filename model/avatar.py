@@ -146,6 +146,11 @@ def person_prior(height: int, width: int, device: torch.device | None = None) ->
     return (inside(*HEAD_ELLIPSE) | inside(*BODY_ELLIPSE)).float()
 
 
+def keep_person(x: torch.Tensor) -> torch.Tensor:
+    """x [..., H, W] with everything outside the person prior zeroed."""
+    return x * person_prior(*x.shape[-2:], device=x.device).to(x.dtype)
+
+
 def _keep(drop: torch.Tensor | None) -> torch.Tensor | None:
     return None if drop is None else (~drop.bool()).float()
 
@@ -245,9 +250,7 @@ class AvatarDiT(DiT):
     def matte(self, ref_latents: torch.Tensor) -> torch.Tensor:
         """The reference latents with everything outside the person prior zeroed (`reference_matte`), else
         as given."""
-        if not self.cfg.reference_matte:
-            return ref_latents
-        return ref_latents * person_prior(*ref_latents.shape[-2:], device=ref_latents.device).to(ref_latents.dtype)
+        return keep_person(ref_latents) if self.cfg.reference_matte else ref_latents
 
     def encode_reference(self, ref_latents: torch.Tensor, identity: IdentityTokens | None = None) -> ReferenceCache:
         """Reference latents [B, C, Tr, H, W] (scaled like the video latents) -> per-layer K/V.

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .attention import Attention
 from .audio import AudioEncoder, AudioEncoderConfig, AudioWindows
-from .avatar import person_prior
+from .avatar import keep_person
 from .dit import timestep_embedding
 from .text_encoder import TransformerBlock
 
@@ -163,16 +163,20 @@ class IdentityHead(nn.Module):
     def embedding(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, T, H, W] -> unit embeddings [B, dim]."""
         if self.cfg.region == "person":
-            latents = latents * person_prior(*latents.shape[-2:], device=latents.device).to(latents.dtype)
+            latents = keep_person(latents)
         pooled = F.adaptive_avg_pool3d(latents, (1, self.cfg.pool, self.cfg.pool)).flatten(1)
         return F.normalize(self.embed(pooled), dim=-1)
 
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
     def similarity(self, video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, d] x [N, d] -> scaled cosines [B, N]."""
-        return self.log_scale.clamp(max=math.log(100.0)).exp() * video @ reference.T
+        return self.scale() * video @ reference.T
 
     def forward(self, video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return self.similarity(self.embedding(video), self.embedding(reference)).diagonal()
+        """Latents [B, ...] each -> scaled cosine of each video with its own reference [B]."""
+        return self.scale() * (self.embedding(video) * self.embedding(reference)).sum(-1)
 
 
 class RewardModel(nn.Module):
@@ -326,14 +330,15 @@ def identity_contrastive_loss(model: RewardModel, latents: torch.Tensor, referen
     if identities.unique().numel() < 2:
         raise ValueError("identity_contrastive_loss needs clips of >= 2 identities in the batch")
     head = model.identity
-    scores = head.similarity(head.embedding(latents), head.embedding(references)).float()  # [B, B]
+    e_ref = head.embedding(references)
+    scores = head.similarity(head.embedding(latents), e_ref).float()  # [B, B]
     same = identities[:, None] == identities[None, :]
     loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~same, float("-inf")), 1)).mean()
     own = scores.diagonal()
     other_best = scores.masked_fill(same, float("-inf")).amax(1)
     metrics = {"accuracy": (own > other_best).float().mean().detach()}
     if altered is not None:
-        own_altered = head(altered, references).float()
+        own_altered = (head.scale() * (head.embedding(altered) * e_ref).sum(-1)).float()
         hard, _ = bradley_terry_loss(own, own_altered)
         loss = loss + hard
         metrics["altered_accuracy"] = pair_accuracy(own, own_altered)

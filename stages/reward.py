@@ -12,7 +12,7 @@ its own identity's reference and the batch's other identities').
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +131,14 @@ def pair_set(groups: list[PromptGroupRecord]) -> PairSet:
                    torch.tensor(rejected), torch.tensor(group), torch.tensor(agrees), torch.tensor(known))
 
 
-def encode_clips(autoencoder: FrozenAutoencoder, speeches: Sequence[Speech], data: DataConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_clips(autoencoder: FrozenAutoencoder, speeches: Sequence[Speech], data: DataConfig,
+                 video_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole clips as latents [N, C, T, H, W], cut to the shortest clip's longest encodable frame count, and
-    their audio over those frames [N, S] (zero-padded where a clip's audio is shorter)."""
+    their audio over those frames [N, S] (zero-padded where a clip's audio is shorter). `video_fn` changes
+    each clip's video [1, 3, T, H, W] in [-1, 1] before it is encoded."""
     frames = autoencoder.encodable_frames(min(sp.frames for sp in speeches))
-    latents = torch.cat([autoencoder.encode(to_float(sp.video[:frames])[None]) for sp in speeches])
+    video_fn = video_fn or (lambda video: video)
+    latents = torch.cat([autoencoder.encode(video_fn(to_float(sp.video[:frames])[None])) for sp in speeches])
     return latents, torch.stack([audio_for_frames(sp.wave, frames, data) for sp in speeches])
 
 
@@ -200,9 +202,8 @@ class RewardTask:
                 self._truth["identities"] = torch.tensor([names.index(sp.identity) for sp in speeches])
                 if self.options.identity_recoloured:
                     g = torch.Generator().manual_seed(self.seed)
-                    frames = autoencoder.encodable_frames(min(sp.frames for sp in speeches))  # as encode_clips
-                    self._truth["recoloured"] = torch.cat([
-                        autoencoder.encode(person_recoloured(to_float(sp.video[:frames])[None], g)) for sp in speeches])
+                    self._truth["recoloured"], _ = encode_clips(autoencoder, speeches, self.data,
+                                                                video_fn=lambda video: person_recoloured(video, g))
         return self._truth
 
     def init_from_parents(self, model: nn.Module) -> None:
