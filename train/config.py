@@ -75,6 +75,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # fnmatch patterns over parameter names ("dit.blocks.*.audio_attn.*"): only the parameters the task
+    # left trainable *and* matching one are optimised; empty = all the task left trainable
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,4 +122,6 @@ def check_train_config(cfg: TrainConfig, prefix: str) -> list[str]:
         errors.append(f"{prefix}.ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.optimizer.lr <= 0:
         errors.append(f"{prefix}.optimizer.lr: must be > 0, got {cfg.optimizer.lr}")
+    if any(not pattern.strip() for pattern in cfg.trainable):
+        errors.append(f"{prefix}.trainable: patterns must be non-empty, got {list(cfg.trainable)}")
     return errors

@@ -26,6 +26,7 @@ from avatarforge.train.engine import DeepSpeedStrategy, ensure_accelerator
 from avatarforge.train.task import RunSpec, TrainTask, resolve_factory
 from avatarforge.train.throughput import ThroughputMeter, measure_matmul_peak_flops
 from avatarforge.train.tracking import Tracker
+from avatarforge.train.trainable import restrict_trainable
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +107,9 @@ class WorkerLoop:
         resume = ray.train.get_checkpoint()
         if resume is None:
             task.init_from_parents(model)
+        trainable = restrict_trainable(model, cfg.trainable)
+        if cfg.trainable and rank == 0:
+            print(f"[{self.spec.stage}] training {trainable:,} parameters matching {list(cfg.trainable)}", flush=True)
 
         strategy = DeepSpeedStrategy(cfg, self.world_size)
         strategy.setup(model)
