@@ -167,6 +167,7 @@ def check_config(cfg: DictConfig) -> None:
                     errors += _check_sync_reward(cfg, name)
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
+        errors += _check_trainable(cfg, name)
     errors += _check_audio_alignment(cfg, audios)
     if not errors:
         try:
@@ -184,6 +185,29 @@ def _check_sync_reward(cfg: DictConfig, name: str) -> list[str]:
         return [f"stages.{name}.options.reward_terms: 'sync' needs a reward_model parent with "
                 f"options.model.sync.enabled (found {rewards})"]
     return []
+
+
+# kinds whose trained model is the AvatarModel of the curriculum's model sections
+AVATAR_MODEL_KINDS = ("a2v_pretrain", "personality_sft", "distill", "rlhf")
+
+
+def _check_trainable(cfg: DictConfig, name: str) -> list[str]:
+    """train.trainable patterns must name parameters of the stage's model (built on the meta device: no
+    memory, no weights), so a typo fails here rather than in every restarted Ray worker."""
+    from fnmatch import fnmatchcase
+
+    import torch
+
+    from avatarforge.stages.policy import build_avatar_model
+
+    stage = cfg.stages[name]
+    if not stage.train.trainable or stage.kind not in AVATAR_MODEL_KINDS:
+        return []  # other kinds are checked when their worker builds the model
+    with torch.device("meta"):
+        names = [n for n, _ in build_avatar_model(OmegaConf.to_container(cfg, resolve=True)).named_parameters()]
+    unmatched = [p for p in stage.train.trainable if not any(fnmatchcase(n, p) for n in names)]
+    return [f"stages.{name}.train.trainable: {p!r} matches no parameter of the avatar model (names look like "
+            f"{names[0]!r}, 'dit.blocks.0.audio_attn.q.weight')" for p in unmatched]
 
 
 def _check_audio_alignment(cfg: DictConfig, audios: dict[str, AudioEncoderConfig]) -> list[str]:

@@ -234,3 +234,13 @@ def test_sync_score_and_sync_only_rlhf_reward_are_checked_before_ray_starts():
                            "stages.reward.options.sync_pretrain_steps=0"])
     ok = load_config(TINY, ["stages.rlhf.options.reward_terms=sync", "stages.reward.options.model.sync.score=cosine"])
     assert ok.stages.rlhf.options.reward_terms == "sync"
+
+
+def test_trainable_patterns_must_name_parameters_of_the_stage_model():
+    with pytest.raises(ConfigError, match=r"stages\.rlhf\.train\.trainable: 'dit\.block\.\*' matches no parameter"):
+        load_config(TINY, ["stages.rlhf.train.trainable=[dit.blocks.*.audio_attn.*,dit.block.*]"])
+    with pytest.raises(ConfigError, match=r"stages\.distill\.train\.trainable: patterns must be non-empty"):
+        load_config(TINY, ["stages.distill.train.trainable=['']"])
+    ok = load_config(TINY, ["stages.rlhf.train.trainable=[dit.blocks.*.audio_attn.*,audio_encoder.*]"])
+    assert list(ok.stages.rlhf.train.trainable) == ["dit.blocks.*.audio_attn.*", "audio_encoder.*"]
+    assert list(ok.stages.a2v.train.trainable) == []  # the default: whatever the task trains
