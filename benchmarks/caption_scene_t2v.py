@@ -67,6 +67,36 @@ def add_ngram(model: torch.nn.Module, k: int) -> None:
     te.forward = forward
 
 
+def add_rope(model: torch.nn.Module) -> None:
+    """Probe: relative (rotary) positions in the text encoder's self-attention instead of learned absolute ones."""
+    from avatarforge.model.attention import RoPE3D
+    te = model.text_encoder
+    head_dim = te.cfg.dim // te.cfg.heads
+    rope = RoPE3D(head_dim, axes_dim=[head_dim, 0, 0])
+    with torch.no_grad():
+        te.pos.zero_()
+    te.pos.requires_grad_(False)
+
+    def block_forward(block, x, mask, angles):
+        h = block.norm1(x)
+        q = block.attn.project_q(h, angles)
+        k, v = block.attn.project_kv(h, angles)
+        x = x + block.attn.attend(q, k, v, key_mask=mask)
+        return x + block.mlp(block.norm2(x))
+
+    def forward(ids, mask=None):
+        mask = ids != 0 if mask is None else mask
+        pos = torch.zeros(ids.shape[1], 3)
+        pos[:, 0] = torch.arange(ids.shape[1])
+        angles = RoPE3D.cos_sin(rope.angles(pos))
+        x = te.tok(ids)
+        for block in te.blocks:
+            x = block_forward(block, x, mask, angles)
+        return te.norm(x) * mask[..., None].to(x.dtype)
+
+    te.forward = forward
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -74,6 +104,7 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.5, help="share of training captions rewritten")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ngram", type=int, default=0)
+    ap.add_argument("--rope", action="store_true", help="rotary positions in the text encoder")
     ap.add_argument("--stage", action="store_true", help="evaluate the run's t2v stage instead of training")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -87,6 +118,8 @@ def main() -> None:
     model = task.build_model()
     if args.ngram:
         add_ngram(model, args.ngram)
+    if args.rope:
+        add_rope(model)
     data = task.data
     if args.stage:
         model.load_state_dict(load_file(json.loads((stages / "t2v" / "DONE.json").read_text())["weights"]))

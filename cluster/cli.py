@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-audio", type=float, default=None)
     gen.add_argument("--guidance-ref", type=float, default=None)
     gen.add_argument("--guidance-text", type=float, default=None)
-    gen.add_argument("--caption", default="", help="optional text (e.g. the scene)")
+    gen.add_argument("--caption", default="", help="optional text: the scene (a run with data.captions=scene "
+                     "was trained on captions like 'a person in a blue room')")
     gen.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
                      help="weigh the reference like one of TOKENS reference tokens (the training reference's, "
                           "80 for tiny) whatever its length: the caption's scene then wins over a long "

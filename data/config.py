@@ -20,6 +20,10 @@ class SynthConfig:
     workers: int = 2  # processes for generation
 
 
+# data.captions -> the json field of a record read as its text
+CAPTION_KEYS = {"full": "caption", "scene": "scene_caption"}
+
+
 @dataclass
 class DataConfig:
     """Where the shards live and how the loader crops, decodes and batches them."""
@@ -32,6 +36,10 @@ class DataConfig:
     fps: float = 25.0
     sample_rate: int = 16000
     text_max_len: int = 96
+    # what a sample's text is: "full" (its caption: the person and the scene) or "scene" (its scene_caption,
+    # e.g. 'a person in a blue room', empty where a record has none): with a reference video saying who,
+    # the text only says where. The t2v stage, which has no reference, always reads the full caption.
+    captions: str = "full"
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 16  # per-shard-visit shuffle buffer (samples); 0 or 1 keeps tar order
     max_bad_fraction: float = 0.05  # past this share of skipped samples the loader raises, naming the shards

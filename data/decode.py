@@ -52,6 +52,7 @@ class ClipSpec:
     text_max_len: int
     reference_frames: int = 0  # 0: no reference in the sample
     reference_stride: int = 1
+    caption_key: str = "caption"  # the json field read as the text ("scene_caption": data.captions scene)
 
     @property
     def audio_len(self) -> int:
@@ -204,7 +205,12 @@ def decode_clip(raw: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None) -
                             spec.sample_rate)
     except Exception as exn:  # wave raises several unrelated types on garbage
         raise BadSample(f"wav: {type(exn).__name__}: {exn}") from exn
-    ids, mask = _tokens(meta["caption"], spec.text_max_len)
+    # a record without the field asked for (ingested footage has no scene caption) gets no text, as in
+    # caption dropout, rather than being skipped
+    text = meta["caption"] if spec.caption_key == "caption" else meta.get(spec.caption_key) or ""
+    if not isinstance(text, str):
+        raise BadSample(f"json: {spec.caption_key!r} is not a string")
+    ids, mask = _tokens(text, spec.text_max_len)
     out = {
         "frames": frames,
         "audio": audio,

@@ -39,7 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig
+from .config import CAPTION_KEYS, DataConfig
 from .decode import BadSample, ClipSpec, collate, decode_clip
 from .health import SampleHealth
 from .index import read_index, shard_paths
@@ -201,6 +201,8 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
     """Decoding geometry; references only when configured and the split's index lists them."""
     if cfg.frames < 1 or cfg.size < 1 or cfg.fps <= 0 or cfg.sample_rate <= 0 or cfg.text_max_len < 1:
         raise ValueError("data.frames, size, fps, sample_rate and text_max_len must be positive")
+    if cfg.captions not in CAPTION_KEYS:
+        raise ValueError(f"data.captions must be one of {sorted(CAPTION_KEYS)}, got {cfg.captions!r}")
     if cfg.reference_frames < 0 or cfg.reference_stride < 1:
         raise ValueError("data.reference_frames must be >= 0 and data.reference_stride >= 1")
     reference_frames = int(cfg.reference_frames)
@@ -214,6 +216,7 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
         fps=float(cfg.fps),
         sample_rate=int(cfg.sample_rate),
         text_max_len=int(cfg.text_max_len),
+        caption_key=CAPTION_KEYS[cfg.captions],
         reference_frames=reference_frames,
         reference_stride=int(cfg.reference_stride),
     )

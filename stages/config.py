@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avatarforge.data.config import DataConfig
+from avatarforge.data.config import CAPTION_KEYS, DataConfig
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.autoencoder import AutoencoderConfig, temporal_factor
 from avatarforge.model.avatar import AvatarDiTConfig
@@ -138,6 +138,8 @@ def check_config(cfg: DictConfig) -> None:
     audios = {"model.audio": OmegaConf.to_object(cfg.model.audio)}  # every audio encoder the stages build
     if not cfg.stages:
         errors.append("stages: the curriculum has no stages")
+    if cfg.data.captions not in CAPTION_KEYS:
+        errors.append(f"data.captions: {cfg.data.captions!r} is not one of {sorted(CAPTION_KEYS)}")
     for name, stage in cfg.stages.items():
         if stage.kind not in KINDS:
             errors.append(f"stages.{name}.kind: unknown stage kind {stage.kind!r}; known: {sorted(KINDS)}")
@@ -286,7 +288,7 @@ def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]
 
     kind = KINDS[cfg.stages[stage].kind]
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("root", "num_workers", "video_uint8"):
+    for key in ("root", "num_workers", "video_uint8", *(() if kind.reads_captions else ("captions",))):
         data.pop(key, None)
     model_defaults = _defaults(ModelConfig)
     model = {}

@@ -40,7 +40,7 @@ from torch import nn
 from avatarforge.data.config import DataConfig
 from avatarforge.data.index import read_index, shard_paths
 from avatarforge.data.media import decode_wav, open_video, read_frames, resample_audio
-from avatarforge.data.synth.identity import IdentityParams, Scene, caption
+from avatarforge.data.synth.identity import IdentityParams, Scene, caption, scene_caption
 from avatarforge.data.synth.oracle import (
     analyze_video,
     colour_distance,
@@ -293,8 +293,7 @@ def make_prompts(speeches: Sequence[Speech], identities: Mapping[str, IdentityRe
         if target not in identities:
             raise ValueError(f"no reference record for identity {target!r}")
         rec = identities[target]
-        text = caption(IdentityParams.from_json(rec.params), Scene.from_json(sp.scene), max_bytes=data.text_max_len,
-                       room=data.synth.caption_room)
+        text = prompt_caption(rec.params, sp.scene, data)
         prompts.append(Prompt(sp.key, target, sp.frames, sp.phonemes, rec.params, sp.scene, text, sp.wave, sp.key,
                               rec.reference, target, rec.scene))
     return prompts
@@ -344,10 +343,17 @@ def with_other_reference(prompts: Sequence[Prompt], identities: Mapping[str, Ide
 
 def with_caption_scene(prompts: Sequence[Prompt], scenes: Sequence[dict[str, Any]], data: DataConfig) -> list[Prompt]:
     """Each prompt's caption asking for scenes[i] instead (the scene truth follows the caption)."""
-    return [replace(p, scene=s, caption=caption(IdentityParams.from_json(p.identity_params), Scene.from_json(s),
-                                                room=data.synth.caption_room,
-                                                max_bytes=data.text_max_len))
+    return [replace(p, scene=s, caption=prompt_caption(p.identity_params, s, data))
             for p, s in zip(prompts, scenes, strict=True)]
+
+
+def prompt_caption(identity_params: dict[str, Any], scene: dict[str, Any], data: DataConfig) -> str:
+    """The text a prompt gives: as the world's records would caption `identity_params` in `scene`, the whole
+    caption or, with data.captions scene, the scene alone (what the stages trained on)."""
+    if data.captions == "scene":
+        return scene_caption(Scene.from_json(scene))
+    return caption(IdentityParams.from_json(identity_params), Scene.from_json(scene), max_bytes=data.text_max_len,
+                   room=data.synth.caption_room)
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -20,14 +20,16 @@ class StageKind:
     options: type
     model_sections: tuple[str, ...]
     runtime: str = "train"  # "train": a Ray Train + DeepSpeed run (TrainTask); "collect": Ray actors (CollectTask)
+    reads_captions: bool = True  # False: data.captions does not change what it trains (no text, or always full)
 
 
 KINDS: dict[str, StageKind] = {
     kind.name: kind
     for kind in (
-        StageKind("autoencoder", "avatarforge.stages.autoencoder:build_task", AutoencoderOptions, ("autoencoder",)),
+        StageKind("autoencoder", "avatarforge.stages.autoencoder:build_task", AutoencoderOptions, ("autoencoder",),
+                  reads_captions=False),
         StageKind("t2v_pretrain", "avatarforge.stages.t2v:build_task", T2VOptions,
-                  ("autoencoder", "text", "dit:base")),
+                  ("autoencoder", "text", "dit:base"), reads_captions=False),
         StageKind("a2v_pretrain", "avatarforge.stages.avatar:build_a2v_task", A2VOptions,
                   ("autoencoder", "text", "dit", "audio")),
         StageKind("personality_sft", "avatarforge.stages.avatar:build_sft_task", SFTOptions,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -55,7 +55,8 @@ class T2VTask:
         self.options = typed(T2VOptions, stage_cfg["options"])
         self.text_cfg = typed(TextEncoderConfig, config["model"]["text"])
         self.dit_cfg = typed(AvatarDiTConfig, config["model"]["dit"]).dit_config()
-        self.data = typed(DataConfig, config["data"])
+        # text is all a t2v model is given: it reads the whole caption whatever data.captions says
+        self.data = replace(typed(DataConfig, config["data"]), captions="full")
         self.batch_size = stage_cfg["train"]["batch_size"]
         self.eval_batch_size = stage_cfg["train"]["eval"]["batch_size"]
         self.seed = config["seed"]

@@ -244,3 +244,15 @@ def test_trainable_patterns_must_name_parameters_of_the_stage_model():
     ok = load_config(TINY, ["stages.rlhf.train.trainable=[dit.blocks.*.audio_attn.*,audio_encoder.*]"])
     assert list(ok.stages.rlhf.train.trainable) == ["dit.blocks.*.audio_attn.*", "audio_encoder.*"]
     assert list(ok.stages.a2v.train.trainable) == []  # the default: whatever the task trains
+
+
+def test_scene_captions_rehash_only_the_stages_that_read_captions():
+    full, scene = load_config(TINY), load_config(TINY, ["data.captions=scene"])
+    hashes = {}
+    for name in topological_order(full):
+        parents = {p: hashes[p] for p in full.stages[name].needs}
+        hashes[name] = stage_fingerprint(full, name, parents) == stage_fingerprint(scene, name, parents)
+    assert hashes["autoencoder"] and hashes["t2v"]  # no text / always the whole caption: finished ones are reused
+    assert not any(hashes[n] for n in ("a2v", "sft", "distill", "preferences", "reward", "rlhf"))
+    with pytest.raises(ConfigError, match=r"data\.captions: 'room' is not one of \['full', 'scene'\]"):
+        load_config(TINY, ["data.captions=room"])

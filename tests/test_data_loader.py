@@ -476,3 +476,34 @@ def test_video_uint8_defers_the_float_conversion_to_the_trainer(root: Path) -> N
     assert first(video_uint8=True, size=16)["video"].dtype == torch.float32  # resized: converted here
     evals = build_eval_batches(_cfg(root, video_uint8=True), split="heldout", batch_size=2, max_clips=2)
     assert evals[0]["video"].dtype == torch.float32  # eval batches are always float
+
+
+def test_scene_captions_read_the_scene_caption_and_nothing_where_a_record_has_none(root: Path, tmp_path: Path) -> None:
+    full = next(iter(build_eval_batches(_cfg(root), split="train", batch_size=2, max_clips=2)))
+    scene = next(iter(build_eval_batches(_cfg(root, captions="scene"), split="train", batch_size=2, max_clips=2)))
+    assert full["key"] == scene["key"] and torch.equal(full["video"], scene["video"])
+    index = read_index(root, "train")
+    with tarfile.open(root / "train" / index["shards"][0]) as tar:
+        meta = json.loads(tar.extractfile(f"{scene['key'][0]}.json").read())
+    assert decode_ids(full["text"][0]) == meta["caption"] != meta["scene_caption"]
+    assert decode_ids(scene["text"][0]) == meta["scene_caption"] == f"a person in a {meta['scene']['colour']} room"
+    # an ingested record without a scene caption: an empty text (as caption dropout trains), not a bad sample
+    copy = tmp_path / "tiny"
+    shutil.copytree(root, copy)
+    shard = copy / "train" / index["shards"][0]
+    members = []
+    for name, data in _members(shard):
+        if name.endswith(".json"):
+            meta = json.loads(data)
+            meta.pop("scene_caption")
+            data = json.dumps(meta).encode()
+        members.append((name, data))
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    batch = next(iter(build_eval_batches(_cfg(copy, captions="scene"), split="train", batch_size=2, max_clips=2)))
+    assert batch["key"] == scene["key"] and not batch["text_mask"].any()
+    with pytest.raises(ValueError, match="data.captions must be one of"):
+        build_eval_batches(_cfg(root, captions="room"), split="train", batch_size=2, max_clips=2)

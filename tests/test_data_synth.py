@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import wave
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_index_contents(dataset: tuple[Path, dict]) -> None:
     assert train["identities"] == ["id0000", "id0001", "id0002"] and heldout["identities"] == ["id0003"]
     assert train["fps"] == FPS and train["size"] == SIZE and train["frames_per_clip"] == 20
     assert train["duration_seconds"] == pytest.approx(6 * 0.8)
-    assert train["schema_version"] == 1 and train["generator"]["name"] == "synth-v1"
+    assert train["schema_version"] == 1 and train["generator"]["name"] == "synth-v2"
     assert train["references"] == {f"id{i:04d}": f"id{i:04d}-reference" for i in range(3)}
     assert train["shard_references"] == [["id0000", "id0001"], ["id0002"]]
     assert train["reference_frames"] == 30 and heldout["references"] == {"id0003": "id0003-reference"}
@@ -159,6 +160,7 @@ def test_clips_are_well_formed_with_ground_truth(dataset: tuple[Path, dict]) -> 
         ident = meta["identity_params"]
         assert ident["hair_colour"] in meta["caption"] or ident["hair_style"] == "bald"
         assert meta["scene"]["colour"] in meta["caption"]
+        assert meta["scene_caption"] == f"a person in a {meta['scene']['colour']} room"
         with wave.open(io.BytesIO(s["wav"])) as w:
             assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, SR, 12800)
         reader = open_video(s["mp4"])
@@ -306,3 +308,33 @@ def test_sizes_the_loader_cannot_decode_are_refused_up_front(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="even number"):
         generate_dataset(str(tmp_path), SYNTH, size=33, fps=FPS, sample_rate=SR)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_world_from_an_older_generator_is_regenerated(tmp_path: Path, dataset: tuple[Path, dict]) -> None:
+    """Its records lack fields the stages read (synth-v1: no scene_caption); an ingested dataset (no
+    generator in its index) is never touched."""
+    from omegaconf import OmegaConf
+
+    from avatarforge.data.config import DataConfig
+    from avatarforge.stages.data_setup import ensure_dataset, stale_generator
+
+    src, _ = dataset
+    root = tmp_path / "world"
+    shutil.copytree(src, root)
+    splits = ("train", "heldout")
+    assert stale_generator(root, splits) is None
+    for split in splits:
+        index = json.loads((root / split / "index.json").read_text())
+        index["generator"]["name"] = "synth-v1"
+        (root / split / "index.json").write_text(json.dumps(index))
+    assert stale_generator(root, splits) == "synth-v1"
+    cfg = OmegaConf.create({"data": OmegaConf.structured(DataConfig(root=str(root), size=SIZE, fps=FPS,
+                                                                    sample_rate=SR, synth=SYNTH))})
+    ensure_dataset(cfg)
+    assert stale_generator(root, splits) is None
+    assert read_index(root, "train")["shards"] == read_index(src, "train")["shards"]
+    for split in splits:  # ingested: no generator entry
+        index = json.loads((root / split / "index.json").read_text())
+        index.pop("generator")
+        (root / split / "index.json").write_text(json.dumps(index))
+    assert stale_generator(root, splits) is None

@@ -151,6 +151,18 @@ def test_prompts_read_whole_clips_with_their_truth(world):
         q.make_prompts(speeches, ids, world, count=5)
 
 
+def test_prompts_caption_as_the_stages_read_captions(world):
+    """data.captions scene: the prompt's text is the scene alone, as the records' scene_caption; a caption
+    asking for another scene follows it."""
+    speeches, ids = q.read_world(world, "heldout", reference_seconds=2.0)
+    full = q.make_prompts(speeches, ids, world, count=2)
+    scene = q.make_prompts(speeches, ids, replace(world, captions="scene"), count=2)
+    assert all(f.caption != s.caption and f.scene == s.scene for f, s in zip(full, scene, strict=True))
+    assert [s.caption for s in scene] == [f"a person in a {s.scene['colour']} room" for s in scene]
+    moved = q.with_caption_scene(scene, [full[1].scene, full[0].scene], replace(world, captions="scene"))
+    assert [m.caption for m in moved] == [scene[1].caption, scene[0].caption]
+
+
 def test_scene_measure_tells_the_rooms_apart():
     ident = sample_identity(0, 3)
     _, frames = make_record(ident, 3, 0, seed=0, seconds=0.4, size=64, fps=FPS, sample_rate=SR)

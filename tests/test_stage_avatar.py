@@ -1,5 +1,7 @@
 """Avatar stage helpers: mouth-region weighting, other-audio batches, LoRA merge at export."""
 
+from pathlib import Path
+
 import torch
 
 from avatarforge.model.lora import LoRAConfig, inject_lora
@@ -62,3 +64,19 @@ def test_holdout_personality_leaves_the_sft_identities_out_of_a2v(identity_strea
         assert identity_streams[-1] == streamed
     assert SFTOptions(holdout_personality=True).validate() == [
         "holdout_personality is an a2v option: personality_sft trains on those identities"]
+
+
+def test_t2v_reads_whole_captions_whatever_data_captions_says(tmp_path):
+    """With no reference, the caption is all a t2v model is told: data.captions scene is for the avatar stages."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+    from avatarforge.stages.config import load_config
+    from avatarforge.stages.t2v import T2VTask
+
+    cfg = OmegaConf.to_container(load_config(Path(__file__).resolve().parents[1] / "configs" / "curriculum" / "tiny.yaml", ["data.captions=scene"]), resolve=True)
+    weights = tmp_path / "ae.safetensors"
+    save_file(VideoAutoencoder(AutoencoderConfig(**cfg["model"]["autoencoder"])).state_dict(), str(weights))
+    task = T2VTask({"config": cfg, "stage": "t2v", "parent_weights": {"autoencoder": str(weights)}})
+    assert cfg["data"]["captions"] == "scene" and task.data.captions == "full"

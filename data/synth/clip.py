@@ -15,13 +15,13 @@ import numpy as np
 from ..index import SCHEMA_VERSION
 from ..media import encode_mp4, encode_wav
 from ..seeding import rng_for
-from .identity import IdentityParams, Scene, caption, sample_scene
+from .identity import IdentityParams, Scene, caption, sample_scene, scene_caption
 from .motion import Motion, clip_motion, viseme_openness
 from .render import render_clip
 from .speech import Speech, speak
 from .visemes import segments
 
-GENERATOR = "synth-v1"
+GENERATOR = "synth-v2"  # v2: json members carry scene_caption
 REFERENCE = "reference"
 REFERENCE_PREFIX = "ref."  # member prefix of reference records: ref.json, ref.mp4, ref.wav
 REFERENCE_GOP = 25  # keyframe every second: the loader reads references at random offsets
@@ -58,6 +58,7 @@ def metadata(
         "identity": identity.name,
         "clip": clip,
         "caption": caption(identity, scene, room=caption_room),
+        "scene_caption": scene_caption(scene),
         "fps": float(fps),
         "frames": n_frames,
         "size": size,

@@ -216,6 +216,12 @@ def pace(identity: IdentityParams) -> str:
 ROOM_PLACES = ("last", "first")
 
 
+def scene_caption(scene: Scene) -> str:
+    """The caption's scene alone, e.g. 'a person in a blue room': what an avatar stage's text says when the
+    reference video, not the text, says who (`data.captions: scene`)."""
+    return f"a person in a {scene.colour} room"
+
+
 def caption(identity: IdentityParams, scene: Scene, max_bytes: int = 96, room: str = "last") -> str:
     """E.g. 'a round-faced person with curly red hair and glasses, speaking quickly, in a blue room'
     (room="first": 'in a blue room: a round-faced person ..., speaking quickly').
