@@ -203,8 +203,9 @@ def _check_trainable(cfg: DictConfig, name: str) -> list[str]:
     from avatarforge.stages.policy import build_avatar_model
 
     stage = cfg.stages[name]
-    if not stage.train.trainable or stage.kind not in AVATAR_MODEL_KINDS:
-        return []  # other kinds are checked when their worker builds the model
+    if (not stage.train.trainable or stage.kind not in AVATAR_MODEL_KINDS
+            or OmegaConf.select(stage, "options.method") == "dmd2"):  # dmd2 trains a student + critic pair
+        return []  # other models are checked when their worker builds them (train/trainable.py)
     with torch.device("meta"):
         names = [n for n, _ in build_avatar_model(OmegaConf.to_container(cfg, resolve=True)).named_parameters()]
     unmatched = [p for p in stage.train.trainable if not any(fnmatchcase(n, p) for n in names)]
