@@ -107,6 +107,8 @@ def main() -> int:
                     help="reference length for claims a-d (default: generate's; 1.44 = the training length, 9 frames 4 apart)")
     ap.add_argument("--guidance", type=float, nargs=3, default=None, metavar=("TEXT", "AUDIO", "REF"),
                     help="guidance scales (default: the a2v stage's options)")
+    ap.add_argument("--text-guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="text guidance only at LO <= t <= HI (1 = noise), 1 elsewhere")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
@@ -140,11 +142,12 @@ def main() -> int:
     tuned = q.read_identities(world, world.train_split, targets, reference_seconds=longest)
     sft_prompts = q.make_prompts(q.spread(speeches, args.sub_prompts), {**heldout, **tuned}, world,
                                  count=args.sub_prompts, targets=targets)
-    policy_a2v = q.Policy("a2v", a2v.model, scales=scales, steps=steps)
-    policy_sft = q.Policy("sft", sft.model, scales=scales, steps=steps)
+    intervals = {"text": tuple(args.text_guidance_interval)} if args.text_guidance_interval else None
+    policy_a2v = q.Policy("a2v", a2v.model, scales=scales, guidance_intervals=intervals, steps=steps)
+    policy_sft = q.Policy("sft", sft.model, scales=scales, guidance_intervals=intervals, steps=steps)
     ae = a2v.autoencoder
     print(f"[quality] {len(prompts)} prompts ({prompts[0].frames} frames = {prompts[0].frames / world.fps:.2f} s, "
-          f"windows of {world.frames}), {steps} steps, guidance {scales}, threads {torch.get_num_threads()}, "
+          f"windows of {world.frames}), {steps} steps, guidance {scales} (intervals {intervals}), threads {torch.get_num_threads()}, "
           f"oracle workers {args.workers}; world ready in {world_s:.1f} s", flush=True)
 
     results: dict[str, Any] = {"runs": {}, "config": {**vars(args), "steps": steps, "scales": scales}}

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-audio", type=float, default=None)
     gen.add_argument("--guidance-ref", type=float, default=None)
     gen.add_argument("--guidance-text", type=float, default=None)
+    gen.add_argument("--guidance-text-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="text guidance only at steps with LO <= t <= HI (1 = noise), 1 elsewhere")
     gen.add_argument("--caption", default="", help="optional text: the scene (a run with data.captions=scene "
                      "was trained on captions like 'a person in a blue room')")
     gen.add_argument("--reference-share", type=int, default=None, metavar="TOKENS",
@@ -156,7 +158,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from avatarforge.stages.generate import GenerateOptions, generate_file
 
     options = GenerateOptions(steps=args.steps, guidance_audio=args.guidance_audio, guidance_ref=args.guidance_ref,
-                              guidance_text=args.guidance_text, seed=args.seed, caption=args.caption,
+                              guidance_text=args.guidance_text, guidance_text_interval=(tuple(args.guidance_text_interval)
+                                                      if args.guidance_text_interval else None),
+                              seed=args.seed, caption=args.caption,
                               reference_share_tokens=args.reference_share, reference_seconds=args.reference_seconds)
     result = generate_file(args.checkpoint, args.reference, args.audio, args.out, options)
     print(f"wrote {result['out']}: {result['frames']} frames, {result['seconds']:.2f} s "

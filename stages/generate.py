@@ -50,6 +50,8 @@ class GenerateOptions:
     guidance_audio: float | None = None
     guidance_ref: float | None = None
     guidance_text: float | None = None
+    # text guidance only at lo <= t <= hi (t = 1 is noise), 1 elsewhere (README claim d); None: every step
+    guidance_text_interval: tuple[float, float] | None = None
     seed: int = 0
     caption: str = ""
     # the reference's attention share calibrated to this many reference tokens (the training reference's:
@@ -187,7 +189,9 @@ class Generator:
         sampled = sample_windows(
             self.model, self.autoencoder, self.autoencoder.encode(reference.to(self.device)), wave[None],
             text[None], mask[None], frames_per_window=self.data.frames, size=self.data.size, fps=self.data.fps,
-            sample_rate=self.data.sample_rate, velocity_fn=guided_velocity_fn(self.model, scales),
+            sample_rate=self.data.sample_rate,
+            velocity_fn=guided_velocity_fn(self.model, scales, {"text": options.guidance_text_interval}
+                                           if options.guidance_text_interval else None),
             steps=options.steps, seeds=[options.seed], progress=progress,
         )
         return ((sampled.video[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
@@ -216,6 +220,10 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, wave: torch.Tens
 def generate_file(checkpoint: str, reference: str, audio: str, out: str, options: GenerateOptions) -> dict[str, Any]:
     if options.steps is not None and options.steps < 1:
         raise GenerateError("--steps must be >= 1")
+    interval = options.guidance_text_interval
+    if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise GenerateError(f"--guidance-text-interval must be LO HI with 0 <= LO <= HI <= 1 (1 = noise), got "
+                            f"{list(interval)}")
     gen = Generator(checkpoint)
     ref, wave = gen.read_reference(reference, options.reference_seconds), gen.read_audio(audio)
     frames = gen.generate(ref, wave, options)

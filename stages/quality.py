@@ -368,6 +368,7 @@ class Policy:
     name: str
     model: nn.Module
     scales: dict[str, float] | None = None  # {"text", "audio", "reference"}; None: all 1
+    guidance_intervals: dict[str, tuple[float, float]] | None = None  # {condition: (lo, hi)}: sampling.py
     steps: int = 12
     velocity_fn: VelocityFn | None = None  # overrides `scales`
     step_fn: StepFn = euler_step
@@ -375,7 +376,7 @@ class Policy:
     timesteps: torch.Tensor | None = None
 
     def velocity(self) -> VelocityFn:
-        return self.velocity_fn or guided_velocity_fn(self.model, self.scales)
+        return self.velocity_fn or guided_velocity_fn(self.model, self.scales, self.guidance_intervals)
 
 
 @dataclass

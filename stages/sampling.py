@@ -48,13 +48,24 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.
     return x + (t_next - t) * v
 
 
-def guided_velocity_fn(model: nn.Module, scales: Mapping[str, float] | None = None) -> VelocityFn:
+def guided_velocity_fn(model: nn.Module, scales: Mapping[str, float] | None = None,
+                       intervals: Mapping[str, tuple[float, float]] | None = None) -> VelocityFn:
     """Multi-condition classifier-free guidance ({"text", "audio", "reference"} scales; a many-step teacher).
-    All scales 1 (or None) is one pass per step: the conditional velocity (a guidance-distilled student)."""
-    scales = dict(scales or {})
+    All scales 1 (or None) is one pass per step: the conditional velocity (a guidance-distilled student).
+    intervals {condition: (lo, hi)}: that condition's scale applies only at lo <= t <= hi (t = 1 is noise),
+    1 elsewhere: guidance in a limited interval, as in Kynkaanniemi et al. 2024."""
+    scales, intervals = dict(scales or {}), {c: tuple(map(float, v)) for c, v in (intervals or {}).items()}
+    unknown = set(intervals) - set(scales)
+    if unknown:
+        raise ValueError(f"intervals name conditions without a guidance scale: {sorted(unknown)}")
+    if any(not 0.0 <= lo <= hi <= 1.0 for lo, hi in intervals.values()):
+        raise ValueError(f"intervals must satisfy 0 <= lo <= hi <= 1, got {intervals}")
 
     def fn(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
-        return guided_velocity(model, x, t, cond, scales)
+        now = float(t.max())  # the rows of a sampling batch share their timestep
+        step_scales = {c: s if intervals.get(c, (0.0, 1.0))[0] <= now <= intervals.get(c, (0.0, 1.0))[1] else 1.0
+                       for c, s in scales.items()}
+        return guided_velocity(model, x, t, cond, step_scales)
 
     return fn
 

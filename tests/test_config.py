@@ -244,6 +244,9 @@ def test_trainable_patterns_must_name_parameters_of_the_stage_model():
     ok = load_config(TINY, ["stages.rlhf.train.trainable=[dit.blocks.*.audio_attn.*,audio_encoder.*]"])
     assert list(ok.stages.rlhf.train.trainable) == ["dit.blocks.*.audio_attn.*", "audio_encoder.*"]
     assert list(ok.stages.a2v.train.trainable) == []  # the default: whatever the task trains
+    # dmd2's model is a student + critic pair ("student.dit..."): its worker checks the names
+    dmd2 = load_config(TINY, ["stages.distill.options.method=dmd2", "stages.distill.train.trainable=[student.*]"])
+    assert list(dmd2.stages.distill.train.trainable) == ["student.*"]
 
 
 def test_scene_captions_rehash_only_the_stages_that_read_captions():

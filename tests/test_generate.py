@@ -78,3 +78,12 @@ def test_reference_share_changes_the_sampling_of_a_trained_model(finished_run, i
     # the test model's reference path is weak after a few steps: the videos differ in a few pixels (same
     # seed, deterministic decoding and encoding), and are identical if the option is ignored
     assert videos[0].shape == videos[1].shape and not np.array_equal(videos[0], videos[1])
+
+
+def test_a_bad_guidance_interval_is_a_one_line_error(finished_run, inputs):
+    run_dir, _ = finished_run
+    proc = run_cli("generate", "--checkpoint", str(run_dir), "--reference", str(inputs / "ref.mp4"),
+                   "--audio", str(inputs / "speech.wav"), "--out", str(inputs / "x.mp4"),
+                   "--guidance-text-interval", "0.8", "0.2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--guidance-text-interval must be LO HI" in proc.stderr and "Traceback" not in proc.stderr

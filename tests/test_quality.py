@@ -308,3 +308,30 @@ def test_tuned_identity_prompts_give_heldout_speech_to_the_fine_tuned_identities
     assert [p.identity for p in prompts] == ["id0001", "id0000", "id0001"]
     assert all(p.key in heldout and p.reference_identity == p.identity for p in prompts)
     assert len({p.key for p in prompts}) == 3
+
+
+def test_guidance_interval_applies_a_scale_only_inside_it():
+    """intervals {"text": (0.5, 1)}: text guidance 3 at t >= 0.5, plain (1) below; other scales at every step."""
+    from avatarforge.model.guidance import guided_velocity
+    from avatarforge.stages.sampling import guided_velocity_fn
+
+    def model(x, t, drop=None, text=None, text_mask=None, audio=None, reference=None):
+        has_text = text is not None and not (drop or {}).get("text", torch.zeros(1, dtype=torch.bool)).all()
+        return x + 1.0 * has_text + 10.0 * (audio is not None) + 100.0 * (reference is not None)
+
+    x = torch.zeros(2, 3)
+    cond = {"text": torch.ones(2, 4, dtype=torch.long), "text_mask": torch.ones(2, 4, dtype=torch.bool),
+            "audio": torch.ones(2), "reference": torch.ones(2)}
+    scales = {"text": 3.0, "audio": 2.0, "reference": 1.5}
+    fn = guided_velocity_fn(model, scales, {"text": (0.5, 1.0)})
+    low = guided_velocity_fn(model, scales, {"text": (0.0, 0.5)})
+    for t, text_scale in ((0.9, 3.0), (0.5, 3.0), (0.2, 1.0)):
+        tt = torch.full((2,), t)
+        assert torch.equal(fn(x, tt, cond), guided_velocity(model, x, tt, cond, {**scales, "text": text_scale}))
+        other = 3.0 if t <= 0.5 else 1.0
+        assert torch.equal(low(x, tt, cond), guided_velocity(model, x, tt, cond, {**scales, "text": other}))
+    assert not torch.equal(fn(x, torch.full((2,), 0.9), cond), fn(x, torch.full((2,), 0.2), cond))
+    with pytest.raises(ValueError, match="without a guidance scale"):
+        guided_velocity_fn(model, {"audio": 2.0}, {"text": (0.5, 1.0)})
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):
+        guided_velocity_fn(model, scales, {"text": (0.8, 0.2)})
