@@ -28,8 +28,9 @@ def stale_generator(root: str | Path, splits: tuple[str, ...]) -> str | None:
 def ensure_dataset(cfg: DictConfig) -> None:
     data = cfg.data
     splits = (data.train_split, data.eval_split)
-    stale = stale_generator(data.root, splits) if dataset_ready(data.root, splits) else None
-    if dataset_ready(data.root, splits) and stale is None:
+    ready = dataset_ready(data.root, splits)
+    stale = stale_generator(data.root, splits) if ready else None
+    if ready and stale is None:
         return
     from avatarforge.data.synth import generate_dataset
 

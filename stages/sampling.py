@@ -61,10 +61,11 @@ def guided_velocity_fn(model: nn.Module, scales: Mapping[str, float] | None = No
     if any(not 0.0 <= lo <= hi <= 1.0 for lo, hi in intervals.values()):
         raise ValueError(f"intervals must satisfy 0 <= lo <= hi <= 1, got {intervals}")
 
+    bounds = {c: intervals.get(c, (0.0, 1.0)) for c in scales}
+
     def fn(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         now = float(t.max())  # the rows of a sampling batch share their timestep
-        step_scales = {c: s if intervals.get(c, (0.0, 1.0))[0] <= now <= intervals.get(c, (0.0, 1.0))[1] else 1.0
-                       for c, s in scales.items()}
+        step_scales = {c: s if bounds[c][0] <= now <= bounds[c][1] else 1.0 for c, s in scales.items()}
         return guided_velocity(model, x, t, cond, step_scales)
 
     return fn

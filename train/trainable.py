@@ -20,5 +20,5 @@ def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> int:
         kept += param.numel() if keep else 0
     if kept == 0:
         raise ValueError(f"train.trainable {list(patterns)} matches no trainable parameter of "
-                         f"{type(model).__name__} (names look like {next(iter(dict(model.named_parameters())))!r})")
+                         f"{type(model).__name__} (names look like {next(model.named_parameters())[0]!r})")
     return kept
