@@ -20,6 +20,9 @@ from avatarforge.model.text_encoder import TextEncoderConfig
 from avatarforge.train.config import TrainConfig, WandbConfig, check_train_config
 
 DIT_BASE_FIELDS = frozenset(f.name for f in fields(DiTConfig))
+# data keys a stage may override (StageConfig.data): how it reads clips, not which clips exist or their geometry
+STAGE_DATA_KEYS = ("reference_frames", "reference_stride", "shuffle_buffer", "num_workers", "max_bad_fraction",
+                   "video_uint8")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,10 @@ class StageConfig:
     needs: list[str] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)  # checked against the kind's Options dataclass
+    # overrides of the curriculum's `data` for this stage alone, e.g. {reference_frames: 25} for a stage that
+    # should condition on a longer reference; only how a stage reads the world (STAGE_DATA_KEYS), never the
+    # world itself, which every stage shares
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +175,7 @@ def check_config(cfg: DictConfig) -> None:
                 if getattr(options, "reward_terms", "full") == "sync":
                     errors += _check_sync_reward(cfg, name)
         errors += [f"stages.{name}.needs: unknown stage {n!r}" for n in stage.needs if n not in cfg.stages]
+        errors += _check_stage_data(cfg, name)
         errors += check_train_config(OmegaConf.to_object(stage.train), f"stages.{name}.train")
         errors += _check_trainable(cfg, name)
     errors += _check_audio_alignment(cfg, audios)
@@ -178,6 +186,25 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(str(exc))
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def _check_stage_data(cfg: DictConfig, name: str) -> list[str]:
+    """A stage's data overrides: only STAGE_DATA_KEYS, and typed as DataConfig's fields."""
+    overrides = cfg.stages[name].data
+    other = sorted(set(overrides) - set(STAGE_DATA_KEYS))
+    if other:
+        return [f"stages.{name}.data: {other} cannot differ per stage (the world and its geometry are the "
+                f"curriculum's data section); a stage may override {list(STAGE_DATA_KEYS)}"]
+    try:
+        _typed(DataConfig, cfg.data, overrides, prefix=f"stages.{name}.data")
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+def stage_data(cfg: DictConfig, stage: str) -> DictConfig:
+    """The data section `stage` reads: the curriculum's, with the stage's own overrides (StageConfig.data)."""
+    return _typed(DataConfig, cfg.data, cfg.stages[stage].data, prefix=f"stages.{stage}.data")
 
 
 def _check_sync_reward(cfg: DictConfig, name: str) -> list[str]:
@@ -288,7 +315,7 @@ def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]
     from avatarforge.stages.registry import KINDS
 
     kind = KINDS[cfg.stages[stage].kind]
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(stage_data(cfg, stage), resolve=True)
     for key in ("root", "num_workers", "video_uint8", *(() if kind.reads_captions else ("captions",))):
         data.pop(key, None)
     model_defaults = _defaults(ModelConfig)
@@ -300,6 +327,7 @@ def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]
             values = {k: v for k, v in values.items() if k in DIT_BASE_FIELDS}
         model[name] = _without_defaults(values, model_defaults[name])
     stage_values = OmegaConf.to_container(cfg.stages[stage], resolve=True)
+    stage_values.pop("data")  # in `data` below, merged
     stage_defaults = {"train": _defaults(TrainConfig), "options": _defaults(kind.options)}
     payload = {
         "stage": _without_defaults(stage_values, stage_defaults),

@@ -19,6 +19,7 @@ from avatarforge.stages import manifest as mf
 from avatarforge.stages.config import (
     ConfigError,
     descendants,
+    stage_data,
     stage_fingerprint,
     to_yaml,
     topological_order,
@@ -34,6 +35,16 @@ WEIGHTS = "weights.safetensors"
 
 class StageConfigChanged(ConfigError):
     """A finished or partly trained stage whose config no longer matches."""
+
+
+def task_config(cfg: DictConfig, stage: str) -> dict:
+    """The config a stage's task is given: resolved, paths absolute (workers may start elsewhere), and the
+    stage's own data overrides (stages.X.data) merged into `data`, so a task reads one data section."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["output_dir"] = str(Path(cfg.output_dir).resolve())
+    resolved["data"] = OmegaConf.to_container(stage_data(cfg, stage), resolve=True)
+    resolved["data"]["root"] = str(Path(cfg.data.root).resolve())
+    return resolved
 
 
 @dataclass
@@ -126,9 +137,7 @@ class CurriculumRunner:
         mf.write_started(stage_dir, plan.config_hash, started_at)
         atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
 
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["output_dir"] = str(Path(cfg.output_dir).resolve())
-        resolved["data"]["root"] = str(Path(cfg.data.root).resolve())
+        resolved = task_config(cfg, stage)
         settings = tracking_settings(
             project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, tags=list(cfg.wandb.tags),
             run_name=cfg.name, stage=stage, kind=stage_cfg.kind, directory=str(self.run_dir),

@@ -6,7 +6,7 @@ import pytest
 
 from avatarforge.stages import manifest as mf
 from avatarforge.stages.config import ConfigError, load_config
-from avatarforge.stages.runner import CurriculumRunner, StageConfigChanged
+from avatarforge.stages.runner import CurriculumRunner, StageConfigChanged, task_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "curriculum" / "tiny.yaml"
 
@@ -95,3 +95,11 @@ def test_options_validate_errors_name_the_key(tmp_path):
         cfg_for(tmp_path, "stages.rlhf.options.algorithm=ppo")
     with pytest.raises(ConfigError, match=r"stages\.preferences\.options\.rater\.path: human labels file"):
         cfg_for(tmp_path, "stages.preferences.options.rater.name=jsonl")
+
+
+def test_task_config_merges_the_stage_data_overrides(tmp_path):
+    cfg = cfg_for(tmp_path, "stages.sft.data.reference_frames=17", "data.root=rel/world")
+    sft, a2v = task_config(cfg, "sft"), task_config(cfg, "a2v")
+    assert sft["data"]["reference_frames"] == 17 and a2v["data"]["reference_frames"] == 9
+    assert sft["data"]["root"] == str(Path("rel/world").resolve()) == a2v["data"]["root"]
+    assert sft["output_dir"] == str(Path(tmp_path).resolve())
