@@ -43,12 +43,13 @@ from avatarforge.stages.clip_rollouts import (
 from avatarforge.stages.common import FrozenAutoencoder, epoch_batches, parent_of_kind, typed
 from avatarforge.stages.policy import PolicySampler, build_avatar_model, distill_steps
 from avatarforge.stages.prompts import personality_identities, select, speech_prompts
-from avatarforge.stages.quality import score_prompts, to_uint8
+from avatarforge.stages.quality import Prompt, score_prompts, to_uint8
 from avatarforge.stages.reward import pair_set, preference_groups, reward_model_config
 from avatarforge.stages.sampling import sample_windows
 
 ALGORITHMS = ("grpo", "dpo", "reward_gradient")
 REWARD_TERMS = ("full", "sync")
+REWARD_SOURCES = ("learned", "oracle")
 ROLLOUTS = ("window", "clip")
 
 
@@ -60,6 +61,11 @@ class RLHFOptions:
     # what is optimised: the reward model's whole score, or only its sync head (lip-sync perception trained
     # on ground-truth clips, which ranks generated clips where the preference-trained part does not)
     reward_terms: str = "full"
+    # "learned": the reward_model parent (the stage's purpose); "oracle": the synthetic world's oracle utility
+    # of each decoded rollout (the rater's utility, without its noise), a diagnostic upper bound: what the
+    # optimiser does with a perfect reward model, so a failure can be put on the reward or on the optimiser.
+    # Needs rollout "clip" (whole clips of known truth); the evals still report the learned reward.
+    reward_source: str = "learned"
     # score encode(decode(x)) instead of the raw latents x: a reward gradient otherwise finds latent
     # directions the decoder ignores (or renders as something else) that the reward model was never shown
     reward_round_trip: bool = False
@@ -89,6 +95,10 @@ class RLHFOptions:
         errors = []
         if self.reward_terms not in REWARD_TERMS:
             errors.append(f"reward_terms: must be one of {REWARD_TERMS}, got {self.reward_terms!r}")
+        if self.reward_source not in REWARD_SOURCES:
+            errors.append(f"reward_source: must be one of {REWARD_SOURCES}, got {self.reward_source!r}")
+        elif self.reward_source == "oracle" and (self.algorithm != "grpo" or self.rollout != "clip"):
+            errors.append("reward_source: 'oracle' scores whole decoded clips: it needs algorithm grpo, rollout clip")
         if self.algorithm not in ALGORITHMS:
             errors.append(f"algorithm: must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.rollout not in ROLLOUTS:
@@ -135,6 +145,7 @@ class RLHFTask:
         self.identities = personality_identities(config, self.data)
         self.utility = rater_utility(config, stage)
         self._train_prompts: list[dict[str, Any]] | None = None
+        self._truth: dict[str, Prompt] = {}  # rollout clip: prompt id -> its prompt (truth for reward_source oracle)
         self._eval_prompts: list[dict[str, Any]] | None = None
         self._pairs = None
         self._rollout: tuple[list[str], Any, torch.Tensor] | None = None  # GRPO: (prompt ids, trajectory, rewards)
@@ -160,10 +171,10 @@ class RLHFTask:
 
     def train_prompts(self) -> list[dict[str, Any]]:
         if self._train_prompts is None and self.options.rollout == "clip":
-            self._train_prompts = prompt_rows(clip_prompts(self.data, self.identities, split=self.data.train_split,
-                                                           count=self.options.train_prompts,
-                                                           reference_seconds=self.rollout_reference_seconds()),
-                                              self.data)
+            prompts = clip_prompts(self.data, self.identities, split=self.data.train_split,
+                                   count=self.options.train_prompts, reference_seconds=self.rollout_reference_seconds())
+            self._train_prompts = prompt_rows(prompts, self.data)
+            self._truth = {row["prompt_id"][0]: p for row, p in zip(self._train_prompts, prompts, strict=True)}
         if self._train_prompts is None:
             self._train_prompts = speech_prompts(self.data, self.identities, split=self.data.train_split,
                                                  count=self.options.train_prompts, batch_size=1)
@@ -251,8 +262,11 @@ class RLHFTask:
                 roll = clip_rollout(model, self.autoencoder, ref_latents, rows, self.data, steps=self.sampler.steps,
                                     noise_level=o.noise_level, reduce=o.log_prob_reduce, seeds=seeds,
                                     generator=step_noise)
-                latents, wave = whole_clip_latents(self.autoencoder, roll.video, rows["audio"], self.data)
-                rewards = self.rewards(latents, {"audio": wave}, ref_latents)
+                if o.reward_source == "oracle":
+                    rewards = self.oracle_rewards(roll.video, rows["prompt_id"]).to(ref_latents.device)
+                else:
+                    latents, wave = whole_clip_latents(self.autoencoder, roll.video, rows["audio"], self.data)
+                    rewards = self.rewards(latents, {"audio": wave}, ref_latents)
             self._rollout = (batch["prompt_id"], roll, rewards)
         _, roll, rewards = self._rollout
         reference = model.encode_reference(ref_latents)  # with grad: the encoders are policy
@@ -267,6 +281,11 @@ class RLHFTask:
                     window_conditions(model, rows, tr, self.data, reference), cond_anchor)
 
         return self.grpo_objective(model, len(roll.transitions), transition, rewards, roll.video)
+
+    def oracle_rewards(self, video: torch.Tensor, prompt_ids: list[str]) -> torch.Tensor:
+        """reward_source oracle: the oracle utility of each decoded clip [B, 3, T, H, W] against its prompt."""
+        scores = score_prompts([to_uint8(v) for v in video.cpu()], [self._truth[p] for p in prompt_ids], self.data)
+        return torch.tensor([oracle_utility(s, self.utility) for s in scores], dtype=torch.float32)
 
     def fresh_rollout(self, batch: dict[str, Any]) -> bool:
         """A batch's first inner update samples new rollouts; the later ones reuse them (and their old

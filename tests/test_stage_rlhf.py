@@ -71,3 +71,35 @@ def test_options_check_the_rollout_reference_length():
     assert RLHFOptions(rollout="clip", rollout_reference_seconds=4.0).validate() == []
     assert "rollout_reference_seconds" in RLHFOptions(rollout="window", rollout_reference_seconds=4.0).validate()[0]
     assert "rollout_reference_seconds" in RLHFOptions(rollout="clip", rollout_reference_seconds=-1).validate()[0]
+
+
+def test_options_check_the_oracle_reward_source():
+    assert RLHFOptions(rollout="clip", reward_source="oracle").validate() == []
+    assert "reward_source" in RLHFOptions(rollout="window", reward_source="oracle").validate()[0]
+    assert "reward_source" in RLHFOptions(rollout="clip", reward_source="human").validate()[0]
+
+
+def test_oracle_reward_prefers_the_ground_truth_to_a_frozen_face(tmp_path):
+    """reward_source oracle scores each decoded clip against its own prompt's truth: the clip's ground-truth
+    render beats the same clip with its first frame held (no lip sync, no habits)."""
+    from avatarforge.data.config import DataConfig, SynthConfig
+    from avatarforge.data.preferences import UtilityWeights
+    from avatarforge.data.synth import generate_dataset
+    from avatarforge.stages.quality import make_prompts, read_world, to_float
+
+    synth = SynthConfig(identities=2, heldout_identities=1, clips_per_identity=2, clip_seconds=1.2,
+                        reference_seconds=1.0, shard_size=4, workers=1)
+    generate_dataset(str(tmp_path / "w"), synth, size=32, fps=25.0, sample_rate=16000)
+    data = DataConfig(root=str(tmp_path / "w"), frames=9, size=32, reference_frames=5, synth=synth)
+    speeches, records = read_world(data, data.train_split)
+    prompts = make_prompts(speeches[:2], records, data)  # each speech for its own speaker: its video is the truth
+    t = RLHFTask.__new__(RLHFTask)
+    t.data, t.utility = data, UtilityWeights()
+    t._truth = {f"{p.identity}|{p.key}": p for p in prompts}
+    truth = torch.stack([to_float(s.video) for s in speeches[:2]])
+    frozen = truth[:, :, :1].expand_as(truth).contiguous()
+    ids = list(t._truth)
+    rewards = t.oracle_rewards(torch.cat([truth, frozen]), ids * 2)
+    assert rewards.shape == (4,) and bool((rewards[:2] > rewards[2:]).all()), rewards
+    swapped = t.oracle_rewards(truth, ids[::-1])  # each clip scored against the other prompt's speech
+    assert bool((rewards[:2] > swapped).all()), (rewards, swapped)
