@@ -7,7 +7,7 @@ both (a reward rise without an oracle win is reward hacking), the oracle utility
 training KL to the distilled policy. Also the reward model's held-out pair accuracy.
 
     avatarforge run configs/curriculum/tiny.yaml configs/curriculum/rlhf_ablations.yaml
-    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny [--windowed 24 [--stages rlhf ...]]
+    .venv/bin/python benchmarks/rlhf_alignment.py runs/tiny [--windowed 24 [--stages rlhf ...] [--seed 1]]
 
 --windowed N also compares every rlhf policy with the distilled one the way `generate` samples: N held-out
 prompts of >= 1.6 s (several windows each) for the fine-tuned identities, same noise, scored by the oracle
@@ -62,9 +62,9 @@ def report(run_dir: Path) -> str:
 
 
 def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = None,
-             reference_seconds: float = REFERENCE_SECONDS) -> str:
+             reference_seconds: float = REFERENCE_SECONDS, seed: int = 0) -> str:
     """Each rlhf policy (or those in `only`) vs the distilled policy on windowed held-out prompts
-    (stages/quality.py)."""
+    (stages/quality.py), both from the same noise (`seed`)."""
     from avatarforge.stages import quality as q
     from avatarforge.stages.generate import Generator
 
@@ -77,7 +77,7 @@ def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = N
     world, prompts = q.tuned_identity_prompts(teacher.data, cfg, count, reference_seconds=max(REFERENCE_SECONDS, reference_seconds))
     base = q.Policy("distilled", teacher.model, steps=teacher.defaults["steps"])
     lines = ["", f"Windowed ({prompts[0].frames} frames, {len(prompts)} held-out prompts, fine-tuned identities, "
-             f"{reference_seconds:g} s references):", "",
+             f"{reference_seconds:g} s references, noise seed {seed}):", "",
              "| stage | oracle win rate vs distilled | sign-test p | utility (policy / distilled) | lip-sync corr "
              "| identity error | behaviour error |", "|---|---|---|---|---|---|---|"]
     for name, m in manifests.items():
@@ -86,7 +86,7 @@ def windowed(run_dir: Path, count: int, workers: int, only: list[str] | None = N
         gen = Generator(run_dir / "stages" / name)
         policy = q.Policy(name, gen.model, steps=gen.defaults["steps"])
         c = q.compare_policies(policy, base, teacher.autoencoder, prompts, world, workers=workers,
-                               reference_seconds=reference_seconds)
+                               reference_seconds=reference_seconds, seed=seed)
         a, b = c.summary[name], c.summary["distilled"]
         lines.append(f"| {name} | {c.utility_win_rate:.3f} | {c.utility.get('sign_p', float('nan')):.3f} | "
                      f"{a['utility']:.3f} / {b['utility']:.3f} | "
@@ -104,10 +104,12 @@ def main() -> None:
     parser.add_argument("--stages", nargs="*", default=None, help="windowed: only these rlhf stages")
     parser.add_argument("--reference-seconds", type=float, default=REFERENCE_SECONDS,
                         help="windowed: reference length (default: generate's; 1.44 = the training length)")
+    parser.add_argument("--seed", type=int, default=0, help="windowed: the noise both policies sample from")
     args = parser.parse_args()
     print(report(Path(args.run_dir)))
     if args.windowed:
-        print(windowed(Path(args.run_dir), args.windowed, args.workers, args.stages, args.reference_seconds))
+        print(windowed(Path(args.run_dir), args.windowed, args.workers, args.stages, args.reference_seconds,
+                       args.seed))
 
 
 if __name__ == "__main__":
