@@ -7,7 +7,9 @@ prompts whose backdrop is nearer the scene the caption asks for than another pro
 
 --captions rewrites that share of training captions: `short` to `a person in a X room`, `phrases` drops
 each descriptive phrase with probability 1/2, `room-first` moves the room to the front (also at eval);
---ngram puts a convolution over byte embeddings in front of the text encoder (position-free n-grams).
+--ngram puts a convolution over byte embeddings in front of the text encoder (position-free n-grams);
+--words V tokenises captions into words hashed into V ids instead of bytes (a colour is then one token
+wherever it stands).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import re
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,18 @@ def rewrite(text: str, how: str, g: torch.Generator) -> str:
     parts = [s for s in re.split(r", |: ", text) if not ROOM.search(s)]  # phrases
     kept = [s for s in parts if torch.rand(1, generator=g).item() < 0.5]
     return ", ".join([*kept, m.group(0)]) if kept else f"a person {m.group(0)}"
+
+
+WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def encode_words(text: str, max_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe tokenizer: lower-cased words and punctuation, each hashed (crc32) to an id in [1, vocab)."""
+    words = WORD.findall(text.lower())[:max_len]
+    ids, mask = torch.zeros(max_len, dtype=torch.long), torch.zeros(max_len, dtype=torch.bool)
+    ids[: len(words)] = torch.tensor([1 + zlib.crc32(w.encode()) % (vocab - 1) for w in words], dtype=torch.long)
+    mask[: len(words)] = True
+    return ids, mask
 
 
 def add_ngram(model: torch.nn.Module, k: int) -> None:
@@ -105,6 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ngram", type=int, default=0)
     ap.add_argument("--rope", action="store_true", help="rotary positions in the text encoder")
+    ap.add_argument("--words", type=int, default=0, help="hashed word tokens, this many ids (0: bytes)")
     ap.add_argument("--stage", action="store_true", help="evaluate the run's t2v stage instead of training")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -121,6 +137,14 @@ def main() -> None:
     if args.rope:
         add_rope(model)
     data = task.data
+    encode = encode_text
+    if args.words:
+        te = model.text_encoder
+        te.tok = torch.nn.Embedding(args.words, te.cfg.dim)
+        torch.nn.init.normal_(te.tok.weight, std=0.5**0.5)  # as TextEncoder's
+
+        def encode(text: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return encode_words(text, max_len, args.words)
     if args.stage:
         model.load_state_dict(load_file(json.loads((stages / "t2v" / "DONE.json").read_text())["weights"]))
     else:  # the stage's optimiser settings (AdamW 1e-3, 20 warm-up steps, cosine), one process
@@ -134,7 +158,7 @@ def main() -> None:
             texts = [decode_ids(row) for row in batch["text"]]
             texts = [rewrite(t, args.captions, g) if torch.rand(1, generator=g).item() < args.share else t
                      for t in texts]
-            enc = [encode_text(t, data.text_max_len) for t in texts]
+            enc = [encode(t, data.text_max_len) for t in texts]
             video = batch["video"].float() / 127.5 - 1 if batch["video"].dtype == torch.uint8 else batch["video"]
             loss, _ = task.loss(model, {"video": video, "text": torch.stack([i for i, _ in enc]),
                                         "text_mask": torch.stack([m for _, m in enc])})
@@ -153,7 +177,7 @@ def main() -> None:
              "short captions": [f"a person in a {p.scene['colour']} room" for p in prompts]}
     n = len(prompts)
     for name, captions in evals.items():
-        enc = [encode_text(c, data.text_max_len) for c in captions]
+        enc = [encode(c, data.text_max_len) for c in captions]
         text, mask = torch.stack([i for i, _ in enc]), torch.stack([m for _, m in enc])
         with torch.no_grad():
             latents = task.latents(torch.zeros(n, 3, data.frames, data.size, data.size))
