@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,9 @@ def main() -> int:
                     help="guidance scales (default: the a2v stage's options)")
     ap.add_argument("--text-guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="text guidance only at LO <= t <= HI (1 = noise), 1 elsewhere")
+    ap.add_argument("--prompt-captions", choices=("full", "scene"), default=None,
+                    help="caption the prompts so (default: as the run's data.captions; a data.captions=mixed run "
+                         "reads both: full for the usual request, scene for a request for another scene)")
     args = ap.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
@@ -128,7 +132,7 @@ def main() -> int:
     if args.guidance is not None:
         scales = dict(zip(("text", "audio", "reference"), args.guidance, strict=True))
     steps = args.steps or a2v_opts.sample_steps
-    data = a2v.data
+    data = a2v.data if args.prompt_captions is None else replace(a2v.data, captions=args.prompt_captions)
     t0 = time.perf_counter()
     longest = max([*args.lengths, args.reference_seconds])  # every sampled condition names its reference length
     world = q.eval_world(data, args.world or f"{data.root}-quality", heldout_identities=8,

@@ -20,8 +20,9 @@ class SynthConfig:
     workers: int = 2  # processes for generation
 
 
-# data.captions -> the json field of a record read as its text
-CAPTION_KEYS = {"full": "caption", "scene": "scene_caption"}
+# data.captions -> the json field(s) of a record read as its text: with two, each training crop reads one of
+# them at random (evaluation reads the first)
+CAPTION_KEYS = {"full": ("caption",), "scene": ("scene_caption",), "mixed": ("caption", "scene_caption")}
 
 
 @dataclass
@@ -38,7 +39,9 @@ class DataConfig:
     text_max_len: int = 96
     # what a sample's text is: "full" (its caption: the person and the scene) or "scene" (its scene_caption,
     # e.g. 'a person in a blue room', empty where a record has none): with a reference video saying who,
-    # the text only says where. The t2v stage, which has no reference, always reads the full caption.
+    # the text only says where; "mixed": each training crop one of the two at random, so the model follows
+    # both (whole captions for the usual request, the scene alone for a request for another scene). The t2v
+    # stage, which has no reference, always reads the full caption.
     captions: str = "full"
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 16  # per-shard-visit shuffle buffer (samples); 0 or 1 keeps tar order

@@ -52,7 +52,9 @@ class ClipSpec:
     text_max_len: int
     reference_frames: int = 0  # 0: no reference in the sample
     reference_stride: int = 1
-    caption_key: str = "caption"  # the json field read as the text ("scene_caption": data.captions scene)
+    # the json field read as the text ("scene_caption": data.captions scene); two: one at random per training
+    # crop, the first in evaluation (data.captions mixed)
+    caption_keys: tuple[str, ...] = ("caption",)
 
     @property
     def audio_len(self) -> int:
@@ -207,9 +209,10 @@ def decode_clip(raw: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None) -
         raise BadSample(f"wav: {type(exn).__name__}: {exn}") from exn
     # a record without the field asked for (ingested footage has no scene caption) gets no text, as in
     # caption dropout, rather than being skipped
-    text = meta["caption"] if spec.caption_key == "caption" else meta.get(spec.caption_key) or ""
+    key = spec.caption_keys[0 if crop_seed is None else (crop_seed >> 32) % len(spec.caption_keys)]
+    text = meta["caption"] if key == "caption" else meta.get(key) or ""
     if not isinstance(text, str):
-        raise BadSample(f"json: {spec.caption_key!r} is not a string")
+        raise BadSample(f"json: {key!r} is not a string")
     ids, mask = _tokens(text, spec.text_max_len)
     out = {
         "frames": frames,

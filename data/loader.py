@@ -216,7 +216,7 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
         fps=float(cfg.fps),
         sample_rate=int(cfg.sample_rate),
         text_max_len=int(cfg.text_max_len),
-        caption_key=CAPTION_KEYS[cfg.captions],
+        caption_keys=CAPTION_KEYS[cfg.captions],
         reference_frames=reference_frames,
         reference_stride=int(cfg.reference_stride),
     )

@@ -349,7 +349,8 @@ def with_caption_scene(prompts: Sequence[Prompt], scenes: Sequence[dict[str, Any
 
 def prompt_caption(identity_params: dict[str, Any], scene: dict[str, Any], data: DataConfig) -> str:
     """The text a prompt gives: as the world's records would caption `identity_params` in `scene`, the whole
-    caption or, with data.captions scene, the scene alone (what the stages trained on)."""
+    caption or, with data.captions scene, the scene alone (what the stages trained on; a data.captions mixed
+    run trained on both and is prompted with the whole caption unless the data given says scene)."""
     if data.captions == "scene":
         return scene_caption(Scene.from_json(scene))
     return caption(IdentityParams.from_json(identity_params), Scene.from_json(scene), max_bytes=data.text_max_len,

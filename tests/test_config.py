@@ -258,7 +258,7 @@ def test_scene_captions_rehash_only_the_stages_that_read_captions():
         hashes[name] = stage_fingerprint(full, name, parents) == stage_fingerprint(scene, name, parents)
     assert hashes["autoencoder"] and hashes["t2v"]  # no text / always the whole caption: finished ones are reused
     assert not any(hashes[n] for n in ("a2v", "sft", "distill", "preferences", "reward", "rlhf"))
-    with pytest.raises(ConfigError, match=r"data\.captions: 'room' is not one of \['full', 'scene'\]"):
+    with pytest.raises(ConfigError, match=r"data\.captions: 'room' is not one of \['full', 'mixed', 'scene'\]"):
         load_config(TINY, ["data.captions=room"])
 
 
@@ -267,14 +267,15 @@ def test_a_stage_may_read_the_world_its_own_way():
     fine-tuning): that stage's data section and hash change, the others' do not; the world's own keys
     cannot differ per stage, and types are checked before Ray starts."""
     base, longer = load_config(TINY), load_config(TINY, ["stages.sft.data.reference_frames=25"])
+    assert stage_data(base, "sft").reference_frames == 17  # tiny.yaml's own override
     assert stage_data(longer, "sft").reference_frames == 25
     assert stage_data(longer, "a2v").reference_frames == base.data.reference_frames == 9
     assert stage_data(longer, "sft").root == base.data.root
     assert stage_fingerprint(base, "a2v", {"t2v": "p"}) == stage_fingerprint(longer, "a2v", {"t2v": "p"})
     assert stage_fingerprint(base, "sft", {"a2v": "p"}) != stage_fingerprint(longer, "sft", {"a2v": "p"})
     # the same value written globally or for the stage is the same recipe
-    assert stage_fingerprint(load_config(TINY, ["data.reference_frames=25"]), "sft", {"a2v": "p"}) == \
-        stage_fingerprint(longer, "sft", {"a2v": "p"})
+    assert stage_fingerprint(load_config(TINY, ["data.reference_frames=25"]), "a2v", {"t2v": "p"}) == \
+        stage_fingerprint(load_config(TINY, ["stages.a2v.data.reference_frames=25"]), "a2v", {"t2v": "p"})
     with pytest.raises(ConfigError, match=r"stages\.sft\.data: \['size'\] cannot differ per stage"):
         load_config(TINY, ["stages.sft.data.size=32"])
     with pytest.raises(ConfigError, match=r"stages\.sft\.data\.reference_frames"):

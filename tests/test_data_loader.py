@@ -507,3 +507,26 @@ def test_scene_captions_read_the_scene_caption_and_nothing_where_a_record_has_no
     assert batch["key"] == scene["key"] and not batch["text_mask"].any()
     with pytest.raises(ValueError, match="data.captions must be one of"):
         build_eval_batches(_cfg(root, captions="room"), split="train", batch_size=2, max_clips=2)
+
+
+def test_mixed_captions_train_on_both_and_evaluate_on_the_whole_caption(root: Path) -> None:
+    """data.captions mixed: each training crop reads the whole caption or the scene caption at random
+    (both occur, each crop's text is one of its record's two), evaluation reads the whole caption."""
+    captions = {}
+    index = read_index(root, "train")
+    for shard in index["shards"]:
+        for name, data in _members(root / "train" / shard):
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                captions[name[: -len(".json")]] = (meta["caption"], meta["scene_caption"])
+    loader = build_train_loader(_cfg(root, captions="mixed", num_workers=0), batch_size=2, rank=0, world_size=1,
+                                seed=0)
+    kinds = []
+    for _, batch in zip(range(12), loader, strict=False):
+        for key, ids in zip(batch["key"], batch["text"], strict=True):
+            text = decode_ids(ids)
+            assert text in captions[key], (key, text)
+            kinds.append(captions[key].index(text))
+    assert set(kinds) == {0, 1}, kinds
+    evals = next(iter(build_eval_batches(_cfg(root, captions="mixed"), split="train", batch_size=2, max_clips=2)))
+    assert [decode_ids(i) for i in evals["text"]] == [captions[k][0] for k in evals["key"]]
