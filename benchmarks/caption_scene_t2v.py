@@ -8,8 +8,8 @@ prompts whose backdrop is nearer the scene the caption asks for than another pro
 --captions rewrites that share of training captions: `short` to `a person in a X room`, `phrases` drops
 each descriptive phrase with probability 1/2, `room-first` moves the room to the front (also at eval);
 --ngram puts a convolution over byte embeddings in front of the text encoder (position-free n-grams);
---words V tokenises captions into words hashed into V ids instead of bytes (a colour is then one token
-wherever it stands).
+--words V tokenises captions into words hashed into V ids instead of bytes (data/tokenizer.py's
+`data.tokenizer: words`; a colour is then one token wherever it stands).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import math
 import re
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from avatarforge.data.tokenizer import decode_ids, encode_text
+from avatarforge.data.tokenizer import decode_ids, encode_text, encode_words
 from avatarforge.model.flow import euler_sample
 from avatarforge.stages import quality as q
 from avatarforge.stages.t2v import T2VTask
@@ -53,18 +52,6 @@ def rewrite(text: str, how: str, g: torch.Generator) -> str:
     parts = [s for s in re.split(r", |: ", text) if not ROOM.search(s)]  # phrases
     kept = [s for s in parts if torch.rand(1, generator=g).item() < 0.5]
     return ", ".join([*kept, m.group(0)]) if kept else f"a person {m.group(0)}"
-
-
-WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
-
-
-def encode_words(text: str, max_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe tokenizer: lower-cased words and punctuation, each hashed (crc32) to an id in [1, vocab)."""
-    words = WORD.findall(text.lower())[:max_len]
-    ids, mask = torch.zeros(max_len, dtype=torch.long), torch.zeros(max_len, dtype=torch.bool)
-    ids[: len(words)] = torch.tensor([1 + zlib.crc32(w.encode()) % (vocab - 1) for w in words], dtype=torch.long)
-    mask[: len(words)] = True
-    return ids, mask
 
 
 def add_ngram(model: torch.nn.Module, k: int) -> None:

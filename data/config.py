@@ -43,6 +43,10 @@ class DataConfig:
     # both (whole captions for the usual request, the scene alone for a request for another scene). The t2v
     # stage, which has no reference, always reads the full caption.
     captions: str = "full"
+    # "bytes" or "words" (data/tokenizer.py: hashed word ids, so a word is one token wherever it stands);
+    # model.text.vocab_size must be 257 for bytes, word_ids for words (checked before Ray starts)
+    tokenizer: str = "bytes"
+    word_ids: int = 4096
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 16  # per-shard-visit shuffle buffer (samples); 0 or 1 keeps tar order
     max_bad_fraction: float = 0.05  # past this share of skipped samples the loader raises, naming the shards

@@ -47,6 +47,7 @@ from .seeding import derive_seed
 from .selection import select_identities, whole_split
 from .shards import ShardVisit, slot_visits
 from .stream import MISSING, visit_samples
+from .tokenizer import TOKENIZERS
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
         raise ValueError("data.frames, size, fps, sample_rate and text_max_len must be positive")
     if cfg.captions not in CAPTION_KEYS:
         raise ValueError(f"data.captions must be one of {sorted(CAPTION_KEYS)}, got {cfg.captions!r}")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {cfg.tokenizer!r}")
     if cfg.reference_frames < 0 or cfg.reference_stride < 1:
         raise ValueError("data.reference_frames must be >= 0 and data.reference_stride >= 1")
     reference_frames = int(cfg.reference_frames)
@@ -217,6 +220,7 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
         sample_rate=int(cfg.sample_rate),
         text_max_len=int(cfg.text_max_len),
         caption_keys=CAPTION_KEYS[cfg.captions],
+        word_ids=int(cfg.word_ids) if cfg.tokenizer == "words" else 0,
         reference_frames=reference_frames,
         reference_stride=int(cfg.reference_stride),
     )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from avatarforge.data.config import DataConfig
-from avatarforge.data.tokenizer import encode_text
+from avatarforge.data.tokenizer import tokenize
 from avatarforge.model.sde import gaussian_log_prob, sde_step
 from avatarforge.stages.common import FrozenAutoencoder, audio_for_frames
 from avatarforge.stages.quality import Prompt, make_prompts, read_identities, read_world, spread
@@ -102,7 +102,7 @@ def prompt_rows(prompts: list[Prompt], data: DataConfig) -> list[dict[str, Any]]
     reference (every frame of the prompt's reference that was read), prompt_id."""
     rows = []
     for p in prompts:
-        ids, mask = encode_text(p.caption, data.text_max_len)
+        ids, mask = tokenize(p.caption, data)
         rows.append({"audio": p.wave[None], "text": ids[None], "text_mask": mask[None],
                      "reference": p.reference[None],
                      "prompt_id": [f"{p.identity}|{p.key}"]})

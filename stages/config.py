@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from avatarforge.data.config import CAPTION_KEYS, DataConfig
+from avatarforge.data.tokenizer import TOKENIZERS, vocab_size
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.autoencoder import AutoencoderConfig, temporal_factor
 from avatarforge.model.avatar import AvatarDiTConfig
@@ -147,6 +148,11 @@ def check_config(cfg: DictConfig) -> None:
         errors.append("stages: the curriculum has no stages")
     if cfg.data.captions not in CAPTION_KEYS:
         errors.append(f"data.captions: {cfg.data.captions!r} is not one of {sorted(CAPTION_KEYS)}")
+    if cfg.data.tokenizer not in TOKENIZERS:
+        errors.append(f"data.tokenizer: {cfg.data.tokenizer!r} is not one of {list(TOKENIZERS)}")
+    elif cfg.model.text.vocab_size != vocab_size(cfg.data):
+        errors.append(f"model.text.vocab_size: {cfg.model.text.vocab_size}, but data.tokenizer {cfg.data.tokenizer!r} "
+                      f"gives ids below {vocab_size(cfg.data)}; set it to {vocab_size(cfg.data)}")
     for name, stage in cfg.stages.items():
         if stage.kind not in KINDS:
             errors.append(f"stages.{name}.kind: unknown stage kind {stage.kind!r}; known: {sorted(KINDS)}")
@@ -316,7 +322,8 @@ def stage_fingerprint(cfg: DictConfig, stage: str, parent_hashes: dict[str, str]
 
     kind = KINDS[cfg.stages[stage].kind]
     data = OmegaConf.to_container(stage_data(cfg, stage), resolve=True)
-    for key in ("root", "num_workers", "video_uint8", *(() if kind.reads_captions else ("captions",))):
+    no_text = () if "text" in kind.model_sections else ("tokenizer", "word_ids")  # e.g. the autoencoder
+    for key in ("root", "num_workers", "video_uint8", *(() if kind.reads_captions else ("captions",)), *no_text):
         data.pop(key, None)
     model_defaults = _defaults(ModelConfig)
     model = {}

@@ -10,7 +10,7 @@ length (README, claim e).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from avatarforge.data.config import DataConfig
 from avatarforge.data.footage import CutStats, SkipSource, read_audio, square_frame
-from avatarforge.data.tokenizer import encode_text
+from avatarforge.data.tokenizer import tokenize
 from avatarforge.model.audio import AudioEncoderConfig
 from avatarforge.model.autoencoder import AutoencoderConfig, temporal_factor
 from avatarforge.model.avatar import AvatarDiTConfig, AvatarModel
@@ -184,7 +184,7 @@ class Generator:
         options = self.resolve(options)
         if options.reference_share_tokens is not None:
             self.model.dit.set_reference_share(options.reference_share_tokens)
-        text, mask = encode_text(options.caption, self.model.text_encoder.cfg.max_len)
+        text, mask = tokenize(options.caption, replace(self.data, text_max_len=self.model.text_encoder.cfg.max_len))
         scales = {"audio": options.guidance_audio, "reference": options.guidance_ref, "text": options.guidance_text}
         sampled = sample_windows(
             self.model, self.autoencoder, self.autoencoder.encode(reference.to(self.device)), wave[None],

@@ -50,7 +50,7 @@ from avatarforge.data.synth.oracle import (
     summarize,
 )
 from avatarforge.data.synth.render import background, lighting
-from avatarforge.data.tokenizer import encode_text
+from avatarforge.data.tokenizer import tokenize
 from avatarforge.stages.prompts import personality_identities
 from avatarforge.stages.sampling import StepFn, VelocityFn, euler_step, guided_velocity_fn, sample_windows
 
@@ -409,7 +409,7 @@ def sample_prompts(policy: Policy, autoencoder: Any, prompts: Sequence[Prompt], 
             frames = {p.frames for p in chunk}
             if len(frames) != 1:
                 raise ValueError(f"prompts of one batch must have the same length, got {sorted(frames)}")
-            ids = [encode_text(p.caption, data.text_max_len) for p in chunk]
+            ids = [tokenize(p.caption, data) for p in chunk]
             ref = torch.stack([p.reference_frames(n_ref) for p in chunk]).to(device)
             out = sample_windows(
                 model, autoencoder, autoencoder.encode(ref), torch.stack([p.wave for p in chunk]),

@@ -156,7 +156,7 @@ def sample_windows(
     model: the AvatarModel that encodes audio and reference and whose forward passes are counted.
     autoencoder: a FrozenAutoencoder (encode / decode / latent_shape).
     reference: latents [B, C, Tr, h, w] of the reference video, its ReferenceCache, or None (no reference).
-    text / text_mask: caption ids [B, L] (encode_text). size: frame side in pixels.
+    text / text_mask: caption ids [B, L] (data.tokenizer.tokenize). size: frame side in pixels.
     n_frames: default the frames the audio covers.
     velocity_fn: default the conditional velocity (one pass per step). steps / shift or explicit
     `timesteps` (steps + 1 values from 1 to 0). step_fn: default the Euler ODE step.

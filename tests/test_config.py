@@ -280,3 +280,14 @@ def test_a_stage_may_read_the_world_its_own_way():
         load_config(TINY, ["stages.sft.data.size=32"])
     with pytest.raises(ConfigError, match=r"stages\.sft\.data\.reference_frames"):
         load_config(TINY, ["stages.sft.data.reference_frames=many"])
+
+
+def test_word_tokenizer_needs_its_vocabulary_and_rehashes_the_text_stages():
+    words = ["data.tokenizer=words", "model.text.vocab_size=4096"]
+    with pytest.raises(ConfigError, match=r"model\.text\.vocab_size: 257, but data\.tokenizer 'words'.*set it to 4096"):
+        load_config(TINY, words[:1])
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: 'chars'"):
+        load_config(TINY, ["data.tokenizer=chars"])
+    base, other = load_config(TINY), load_config(TINY, words)
+    assert stage_fingerprint(base, "autoencoder", {}) == stage_fingerprint(other, "autoencoder", {})  # no text
+    assert stage_fingerprint(base, "t2v", {"autoencoder": "a"}) != stage_fingerprint(other, "t2v", {"autoencoder": "a"})

@@ -530,3 +530,17 @@ def test_mixed_captions_train_on_both_and_evaluate_on_the_whole_caption(root: Pa
     assert set(kinds) == {0, 1}, kinds
     evals = next(iter(build_eval_batches(_cfg(root, captions="mixed"), split="train", batch_size=2, max_clips=2)))
     assert [decode_ids(i) for i in evals["text"]] == [captions[k][0] for k in evals["key"]]
+
+
+def test_word_tokenizer_reaches_the_batches(root: Path) -> None:
+    """data.tokenizer words: batch text ids are the hashed words of the record's caption."""
+    from avatarforge.data.tokenizer import encode_words
+
+    batch = next(iter(build_eval_batches(_cfg(root, tokenizer="words", word_ids=512), split="train", batch_size=2,
+                                         max_clips=2)))
+    plain = next(iter(build_eval_batches(_cfg(root), split="train", batch_size=2, max_clips=2)))
+    for ids, mask, byte_ids in zip(batch["text"], batch["text_mask"], plain["text"], strict=True):
+        expected, expected_mask = encode_words(decode_ids(byte_ids), ids.shape[0], 512)
+        assert torch.equal(ids, expected) and torch.equal(mask, expected_mask) and int(ids.max()) < 512
+    with pytest.raises(ValueError, match="data.tokenizer must be one of"):
+        build_eval_batches(_cfg(root, tokenizer="chars"), split="train", batch_size=2, max_clips=2)
