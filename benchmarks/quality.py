@@ -117,9 +117,9 @@ def main() -> int:
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.workers + 1))
     run = Path(args.run)
-    a2v_dir, sft_dir = stage_of_kind(run, "a2v_pretrain"), stage_of_kind(run, "personality_sft")
-    a2v_dir = Path(args.a2v) if args.a2v else a2v_dir
-    sft_dir = Path(args.sft) if args.sft else sft_dir
+    # an explicit --a2v / --sft stands in for the run's own (which the run then need not have)
+    a2v_dir = Path(args.a2v) if args.a2v else stage_of_kind(run, "a2v_pretrain")
+    sft_dir = Path(args.sft) if args.sft else stage_of_kind(run, "personality_sft")
     a2v, sft = Generator(a2v_dir), Generator(sft_dir)
     if args.reference_share is not None:
         for g in (a2v, sft):
