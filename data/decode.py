@@ -33,7 +33,7 @@ from .media import decode_wav, open_video, resample_audio
 from .pixels import to_unit
 from .seeding import derive_seed
 from .stream import REFERENCES, reference_for
-from .tokenizer import encode_text, encode_words
+from .tokenizer import encode
 
 REQUIRED = ("json", "mp4", "wav")
 _CPU = decord.cpu(0)  # one decord context object, not one per clip
@@ -55,7 +55,8 @@ class ClipSpec:
     # the json field read as the text ("scene_caption": data.captions scene); two: one at random per training
     # crop, the first in evaluation (data.captions mixed)
     caption_keys: tuple[str, ...] = ("caption",)
-    word_ids: int = 0  # 0: byte tokens; else hashed word tokens with this many ids (data.tokenizer words)
+    tokenizer: str = "bytes"  # data.tokenizer (data/tokenizer.py)
+    word_ids: int = 4096  # data.word_ids: ids of the "words" tokenizer
 
     @property
     def audio_len(self) -> int:
@@ -131,10 +132,10 @@ def video_batch(clips: list[np.ndarray], size: int, *, uint8: bool = False) -> t
 
 
 @lru_cache(maxsize=4096)
-def _tokens(caption: str, max_len: int, word_ids: int) -> tuple[np.ndarray, np.ndarray]:
+def _tokens(caption: str, max_len: int, tokenizer: str, word_ids: int) -> tuple[np.ndarray, np.ndarray]:
     """Captions repeat across an identity's clips: tokenise each once (read-only arrays, copied by
-    collate's stack). word_ids 0: bytes, else hashed words (data/tokenizer.py)."""
-    ids, mask = encode_words(caption, max_len, word_ids) if word_ids else encode_text(caption, max_len)
+    collate's stack)."""
+    ids, mask = encode(caption, max_len, tokenizer, word_ids)
     ids_np, mask_np = ids.numpy(), mask.numpy()
     ids_np.flags.writeable = mask_np.flags.writeable = False
     return ids_np, mask_np
@@ -214,7 +215,7 @@ def decode_clip(raw: dict[str, Any], spec: ClipSpec, *, crop_seed: int | None) -
     text = meta["caption"] if key == "caption" else meta.get(key) or ""
     if not isinstance(text, str):
         raise BadSample(f"json: {key!r} is not a string")
-    ids, mask = _tokens(text, spec.text_max_len, spec.word_ids)
+    ids, mask = _tokens(text, spec.text_max_len, spec.tokenizer, spec.word_ids)
     out = {
         "frames": frames,
         "audio": audio,

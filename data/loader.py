@@ -220,7 +220,8 @@ def _clip_spec(cfg: DataConfig, index: dict[str, Any] | None = None) -> ClipSpec
         sample_rate=int(cfg.sample_rate),
         text_max_len=int(cfg.text_max_len),
         caption_keys=CAPTION_KEYS[cfg.captions],
-        word_ids=int(cfg.word_ids) if cfg.tokenizer == "words" else 0,
+        tokenizer=cfg.tokenizer,
+        word_ids=int(cfg.word_ids),
         reference_frames=reference_frames,
         reference_stride=int(cfg.reference_stride),
     )

@@ -53,13 +53,18 @@ def encode_words(text: str, max_len: int, word_ids: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def encode(text: str, max_len: int, tokenizer: str = "bytes", word_ids: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`text` by the named tokenizer: encode_text ("bytes") or encode_words ("words", word_ids ids)."""
+    if tokenizer == "words":
+        return encode_words(text, max_len, word_ids)
+    if tokenizer != "bytes":
+        raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    return encode_text(text, max_len)
+
+
 def tokenize(text: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """`text` as the data config `data` (data.config.DataConfig) says: its tokenizer and text_max_len."""
-    if data.tokenizer == "words":
-        return encode_words(text, data.text_max_len, data.word_ids)
-    if data.tokenizer != "bytes":
-        raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {data.tokenizer!r}")
-    return encode_text(text, data.text_max_len)
+    return encode(text, data.text_max_len, data.tokenizer, data.word_ids)
 
 
 def vocab_size(data: Any) -> int:

@@ -202,7 +202,7 @@ def _check_stage_data(cfg: DictConfig, name: str) -> list[str]:
         return [f"stages.{name}.data: {other} cannot differ per stage (the world and its geometry are the "
                 f"curriculum's data section); a stage may override {list(STAGE_DATA_KEYS)}"]
     try:
-        _typed(DataConfig, cfg.data, overrides, prefix=f"stages.{name}.data")
+        stage_data(cfg, name)
     except ConfigError as exc:
         return [str(exc)]
     return []
