@@ -291,3 +291,21 @@ def test_word_tokenizer_needs_its_vocabulary_and_rehashes_the_text_stages():
     base, other = load_config(TINY), load_config(TINY, words)
     assert stage_fingerprint(base, "autoencoder", {}) == stage_fingerprint(other, "autoencoder", {})  # no text
     assert stage_fingerprint(base, "t2v", {"autoencoder": "a"}) != stage_fingerprint(other, "t2v", {"autoencoder": "a"})
+
+
+def test_cross_scene_layer_is_tiny_with_scene_captions_and_word_tokens_in_its_own_run():
+    """configs/curriculum/cross_scene.yaml: tiny.yaml's stages reading scene captions through word tokens,
+    written to its own run directory (every stage but the autoencoder hashes differently, so sharing
+    runs/tiny would stop at the first changed stage)."""
+    layer = TINY.parent / "cross_scene.yaml"
+    base, cross = load_config(TINY), load_config(TINY, [str(layer)])
+    assert cross.name != base.name
+    assert (cross.data.captions, cross.data.tokenizer) == ("scene", "words")
+    assert cross.model.text.vocab_size == cross.data.word_ids
+    assert list(cross.stages) == list(base.stages)
+    assert stage_data(cross, "sft").reference_frames == stage_data(base, "sft").reference_frames
+    hashes = {}
+    for name in topological_order(base):
+        parents = {p: hashes[p] for p in base.stages[name].needs}
+        hashes[name] = stage_fingerprint(base, name, parents) == stage_fingerprint(cross, name, parents)
+    assert hashes["autoencoder"] and not any(v for k, v in hashes.items() if k != "autoencoder")
