@@ -16,7 +16,8 @@ Claims (a paired comparison each: same prompts, same noise, one input changed):
 (b)-(e) use the first --sub-prompts prompts. The run's a2v model answers (a), (b), (d), (e): most held-out
 identities are not the fine-tuned ones. The prompts come from a larger copy of the run's synthetic world
 (same seed: the same identities; 8 held-out identities x 4 clips, 16 s references), generated once under
-{data.root}-quality. Ground-truth clips are scored too: the oracle's ceiling.
+{data.root}-quality. Ground-truth clips are scored too (the oracle's ceiling), and their reconstructions by the
+run's autoencoder in sampling's windows (the floor a perfect generator in that latent space would reach).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def main() -> int:
     scores: dict[str, list[dict]] = {}
     with q.Scorer(world, args.workers) as scorer:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
+        ae_handles = scorer.submit([q.autoencode_windows(a2v.autoencoder, sp.video, world.frames) for sp in chosen],
+                                   prompts)
         want = set(args.claims)
         seconds_ad = args.reference_seconds  # claims a-d
         jobs = [
@@ -187,8 +190,11 @@ def main() -> int:
                   f"(lip sync {fmt(means.get('lipsync_corr'))}, identity {fmt(means.get('identity_error'))})",
                   flush=True)
         scores["ground truth"] = scorer.result(gt_handles)
+        scores["autoencoder reconstruction"] = scorer.result(ae_handles)
     gt = summarize(scores["ground truth"])
     results["runs"]["ground truth"] = {"prompts": len(prompts), **{k: gt.get(k) for k in OVERVIEW_KEYS}}
+    recon = summarize(scores["autoencoder reconstruction"])
+    results["runs"]["autoencoder reconstruction"] = {"prompts": len(prompts), **{k: recon.get(k) for k in OVERVIEW_KEYS}}
 
     right, n_sub = scores.get("right audio"), args.sub_prompts
     claims = []

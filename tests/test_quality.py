@@ -335,3 +335,22 @@ def test_guidance_interval_applies_a_scale_only_inside_it():
         guided_velocity_fn(model, {"audio": 2.0}, {"text": (0.5, 1.0)})
     with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):
         guided_velocity_fn(model, scales, {"text": (0.8, 0.2)})
+
+
+def test_autoencode_windows_keeps_every_frame_in_place():
+    """The autoencoder floor reconstructs in sampling's windows (sharing one frame, the last padded): with a
+    per-frame autoencoder every output frame is that frame's own reconstruction, whatever the length."""
+    from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
+
+    torch.manual_seed(0)
+    ae = VideoAutoencoder(AutoencoderConfig(channel_mult=[1, 2], num_res_blocks=[0, 1], temporal_downsample=[False],
+                                            temporal_kernel=1)).eval()
+    rng = np.random.default_rng(0)
+    for t in (40, 17, 9, 5):
+        video = rng.integers(0, 256, (t, 16, 16, 3), dtype=np.uint8)
+        out = q.autoencode_windows(ae, video, 9)
+        assert out.shape == video.shape and out.dtype == np.uint8
+        with torch.no_grad():
+            alone = np.concatenate([q.to_uint8(ae.decode(ae.encode(q.to_float(video[i:i + 1])[None]))[0])
+                                    for i in range(t)])
+        assert np.abs(out.astype(int) - alone.astype(int)).max() <= 1, t  # batched convs may round apart
