@@ -159,8 +159,8 @@ def main() -> int:
     scores: dict[str, list[dict]] = {}
     with q.Scorer(world, args.workers) as scorer:
         gt_handles = scorer.submit([sp.video for sp in chosen], prompts)
-        ae_handles = scorer.submit([q.autoencode_windows(a2v.autoencoder, sp.video, world.frames) for sp in chosen],
-                                   prompts)
+        ae_handles = scorer.submit([q.autoencode_windows(a2v.autoencoder, sp.video, world.frames, a2v.device)
+                                    for sp in chosen], prompts)
         want = set(args.claims)
         seconds_ad = args.reference_seconds  # claims a-d
         jobs = [

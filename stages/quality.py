@@ -434,14 +434,14 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-def autoencode_windows(autoencoder: Any, video: np.ndarray, frames: int) -> np.ndarray:
+def autoencode_windows(autoencoder: Any, video: np.ndarray, frames: int, device: str | torch.device = "cpu"
+                       ) -> np.ndarray:
     """uint8 [T, S, S, 3] through the autoencoder in windows of `frames` frames sharing one frame, as
     sampling generates them: what a perfect generator would give, so its oracle scores are the floor
     sampling can reach (the last window is padded with the last frame, then cropped)."""
     t, step = len(video), frames - 1
     windows = max(1, -(-(t - 1) // step))
     padded = np.concatenate([video, np.repeat(video[-1:], windows * step + 1 - t, axis=0)])
-    device = next(autoencoder.parameters()).device
     x = torch.stack([to_float(padded[w * step: w * step + frames]) for w in range(windows)]).to(device)
     with torch.no_grad():
         y = autoencoder.decode(autoencoder.encode(x))

@@ -337,14 +337,15 @@ def test_guidance_interval_applies_a_scale_only_inside_it():
         guided_velocity_fn(model, scales, {"text": (0.8, 0.2)})
 
 
-def test_autoencode_windows_keeps_every_frame_in_place():
+def test_autoencode_windows_keeps_every_frame_in_place(tmp_path: Path) -> None:
     """The autoencoder floor reconstructs in sampling's windows (sharing one frame, the last padded): with a
     per-frame autoencoder every output frame is that frame's own reconstruction, whatever the length."""
     from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
 
     torch.manual_seed(0)
-    ae = VideoAutoencoder(AutoencoderConfig(channel_mult=[1, 2], num_res_blocks=[0, 1], temporal_downsample=[False],
-                                            temporal_kernel=1)).eval()
+    config = {"channel_mult": [1, 2], "num_res_blocks": [0, 1], "temporal_downsample": [False], "temporal_kernel": 1}
+    save_file(VideoAutoencoder(AutoencoderConfig(**config)).state_dict(), str(tmp_path / "ae.safetensors"))
+    ae = FrozenAutoencoder(config, tmp_path / "ae.safetensors")  # what the benchmark reconstructs with
     rng = np.random.default_rng(0)
     for t in (40, 17, 9, 5):
         video = rng.integers(0, 256, (t, 16, 16, 3), dtype=np.uint8)
