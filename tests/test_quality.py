@@ -15,6 +15,7 @@ from avatarforge.data.config import DataConfig, SynthConfig
 from avatarforge.data.synth import generate_dataset
 from avatarforge.data.synth.clip import make_record
 from avatarforge.data.synth.identity import sample_identity
+from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
 from avatarforge.model.avatar import AvatarModel
 from avatarforge.stages import quality as q
 from avatarforge.stages.common import FrozenAutoencoder
@@ -340,8 +341,6 @@ def test_guidance_interval_applies_a_scale_only_inside_it():
 def test_autoencode_windows_keeps_every_frame_in_place(tmp_path: Path) -> None:
     """The autoencoder floor reconstructs in sampling's windows (sharing one frame, the last padded): with a
     per-frame autoencoder every output frame is that frame's own reconstruction, whatever the length."""
-    from avatarforge.model.autoencoder import AutoencoderConfig, VideoAutoencoder
-
     torch.manual_seed(0)
     config = {"channel_mult": [1, 2], "num_res_blocks": [0, 1], "temporal_downsample": [False], "temporal_kernel": 1}
     save_file(VideoAutoencoder(AutoencoderConfig(**config)).state_dict(), str(tmp_path / "ae.safetensors"))
