@@ -191,10 +191,9 @@ def main() -> int:
                   flush=True)
         scores["ground truth"] = scorer.result(gt_handles)
         scores["autoencoder reconstruction"] = scorer.result(ae_handles)
-    gt = summarize(scores["ground truth"])
-    results["runs"]["ground truth"] = {"prompts": len(prompts), **{k: gt.get(k) for k in OVERVIEW_KEYS}}
-    recon = summarize(scores["autoencoder reconstruction"])
-    results["runs"]["autoencoder reconstruction"] = {"prompts": len(prompts), **{k: recon.get(k) for k in OVERVIEW_KEYS}}
+    for name in ("ground truth", "autoencoder reconstruction"):
+        means = summarize(scores[name])
+        results["runs"][name] = {"prompts": len(prompts), **{k: means.get(k) for k in OVERVIEW_KEYS}}
 
     right, n_sub = scores.get("right audio"), args.sub_prompts
     claims = []

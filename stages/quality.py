@@ -52,7 +52,14 @@ from avatarforge.data.synth.oracle import (
 from avatarforge.data.synth.render import background, lighting
 from avatarforge.data.tokenizer import tokenize
 from avatarforge.stages.prompts import personality_identities
-from avatarforge.stages.sampling import StepFn, VelocityFn, euler_step, guided_velocity_fn, sample_windows
+from avatarforge.stages.sampling import (
+    StepFn,
+    VelocityFn,
+    WindowPlan,
+    euler_step,
+    guided_velocity_fn,
+    sample_windows,
+)
 
 SCORE_KEYS = ("lipsync_corr", "lipsync_conf", "lipsync_offset", "identity_error", "behaviour_error", "jitter",
               "scene_error", "scene_error_ref")
@@ -439,10 +446,9 @@ def autoencode_windows(autoencoder: Any, video: np.ndarray, frames: int, device:
     """uint8 [T, S, S, 3] through the autoencoder in windows of `frames` frames sharing one frame, as
     sampling generates them: what a perfect generator would give, so its oracle scores are the floor
     sampling can reach (the last window is padded with the last frame, then cropped)."""
-    t, step = len(video), frames - 1
-    windows = max(1, -(-(t - 1) // step))
-    padded = np.concatenate([video, np.repeat(video[-1:], windows * step + 1 - t, axis=0)])
-    x = torch.stack([to_float(padded[w * step: w * step + frames]) for w in range(windows)]).to(device)
+    t, plan = len(video), WindowPlan(len(video), frames)
+    padded = np.concatenate([video, np.repeat(video[-1:], plan.start(plan.count) + 1 - t, axis=0)])
+    x = torch.stack([to_float(padded[plan.start(w): plan.start(w) + frames]) for w in range(plan.count)]).to(device)
     with torch.no_grad():
         y = autoencoder.decode(autoencoder.encode(x))
     return np.concatenate([to_uint8(v) if w == 0 else to_uint8(v)[1:] for w, v in enumerate(y)])[:t]
